@@ -1,0 +1,168 @@
+"""The layer-by-layer driver: calibration batches through a model one decoder layer at a time.
+
+Sequential calibration as in GPTQ / llm-compressor's sequential pipeline: the inputs of layer i are
+the outputs of layer i-1 *after* the passes changed it, so every pass sees the model it will really
+be part of. Only one decoder layer's weights are materialised at a time (plus embeddings at the start
+and the head at the end when logits are asked for), so peak memory is about one layer plus the
+activations of the calibration set.
+
+Per layer the driver:
+  1. materialises the layer (``LayerwiseModel.load_layer``);
+  2. lets every pass register hooks (``LayerPass.attach``), runs the layer on every batch (the
+     observation forward; its outputs are kept), removes the hooks;
+  3. lets every pass process the layer (``LayerPass.process``), e.g. quantize it; when one reports a
+     change the layer is re-run so the next layer sees the changed outputs;
+  4. hands the finished layer to ``on_layer_done`` (e.g. a checkpoint writer), then releases it.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Callable, Protocol
+
+import torch
+from torch import nn
+
+from moecompress.model.loading import LayerwiseModel
+from moecompress.model.view import MoEBlockView
+
+log = logging.getLogger(__name__)
+
+
+class _StopForward(Exception):
+    pass
+
+
+class _InputCatcher(nn.Module):
+    """Stands in for a decoder layer: records its keyword arguments, passes hidden states through.
+
+    The model's own forward builds masks and rotary embeddings for every layer (per-layer attention
+    types included), so the driver never re-implements them.
+    """
+
+    def __init__(self, index: int, store: dict, last: bool):
+        super().__init__()
+        self.index, self.store, self.last = index, store, last
+
+    def forward(self, hidden_states, *args, **kwargs):
+        if args:
+            raise RuntimeError("decoder layers are expected to take keyword arguments after hidden_states")
+        self.store.setdefault("kwargs", {})[self.index] = kwargs
+        if self.index == 0:
+            self.store["hidden"] = hidden_states
+        if self.last:
+            raise _StopForward
+        return hidden_states
+
+
+@dataclass
+class LayerContext:
+    """What a pass sees of the layer being processed."""
+
+    index: int
+    layer: nn.Module
+    block: MoEBlockView | None
+    inputs: list[torch.Tensor]  # hidden states per batch [B, L, H]
+    kwargs: list[dict]  # the layer's keyword arguments per batch
+    outputs: list[torch.Tensor] = field(default_factory=list)
+    model: LayerwiseModel | None = None
+
+    def run(self) -> list[torch.Tensor]:
+        """Run the layer on every batch; returns the outputs (the pass's hooks fire)."""
+        with torch.no_grad():
+            return [_layer_output(self.layer(h, **kw)) for h, kw in zip(self.inputs, self.kwargs)]
+
+
+def _layer_output(out) -> torch.Tensor:
+    return out[0] if isinstance(out, tuple) else out
+
+
+class LayerPass(Protocol):
+    """A pass over one layer: register hooks for the observation forward, then process."""
+
+    def attach(self, ctx: LayerContext) -> list:  # returns hook handles
+        ...
+
+    def process(self, ctx: LayerContext) -> bool:  # True when the layer's weights changed
+        ...
+
+
+def batches_of(input_ids: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
+    return [input_ids[i : i + batch_size] for i in range(0, input_ids.shape[0], batch_size)]
+
+
+@torch.no_grad()
+def capture_layer_inputs(lm: LayerwiseModel, batches: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[list[dict]]]:
+    """Embeddings of every batch and each layer's keyword arguments (masks, positions, rotary)."""
+    layers = lm.layers
+    n = len(layers)
+    originals = list(layers)
+    hidden, kwargs = [], [[] for _ in range(n)]
+    try:
+        for b in batches:
+            store: dict = {}
+            for i in range(n):
+                layers[i] = _InputCatcher(i, store, last=(i == n - 1))
+            try:
+                lm.model(input_ids=b, use_cache=False)
+            except _StopForward:
+                pass
+            hidden.append(store["hidden"])
+            for i in range(n):
+                kwargs[i].append(store["kwargs"][i])
+    finally:
+        for i in range(n):
+            layers[i] = originals[i]
+    return hidden, kwargs
+
+
+@dataclass
+class DriverResult:
+    hidden: list[torch.Tensor]  # final hidden states per batch (before the final norm)
+    logits: list[torch.Tensor] | None = None
+
+
+@torch.no_grad()
+def run_layerwise(
+    lm: LayerwiseModel,
+    input_ids: torch.Tensor,
+    passes: list[LayerPass] = (),
+    batch_size: int = 8,
+    on_layer_done: Callable[[LayerContext], None] | None = None,
+    compute_logits: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+) -> DriverResult:
+    """Run ``input_ids [n, L]`` through the model layer by layer, applying ``passes`` to each layer."""
+    batches = batches_of(input_ids, batch_size)
+    lm.load_outer()
+    hidden, layer_kwargs = capture_layer_inputs(lm, batches)
+    if not compute_logits:
+        lm.release_outer()
+    for i in range(lm.view.num_layers):
+        layer = lm.load_layer(i)
+        ctx = LayerContext(i, layer, lm.view.blocks.get(i), hidden, layer_kwargs[i], model=lm)
+        handles = [h for p in passes for h in (p.attach(ctx) or [])]
+        try:
+            ctx.outputs = ctx.run()
+        finally:
+            for h in handles:
+                h.remove()
+        changed = False
+        for p in passes:
+            changed = bool(p.process(ctx)) or changed
+        if changed:
+            ctx.outputs = ctx.run()
+        if on_layer_done is not None:
+            on_layer_done(ctx)
+        hidden = ctx.outputs
+        lm.release_layer(i)
+        if progress is not None:
+            progress(i + 1, lm.view.num_layers)
+    logits = None
+    if compute_logits:
+        base = lm.model.get_submodule(lm.view.layers_name.rsplit(".", 1)[0])
+        head = lm.model.get_output_embeddings()
+        logits = [head(base.norm(h)) for h in hidden]
+        lm.release_outer()
+    return DriverResult(hidden=hidden, logits=logits)

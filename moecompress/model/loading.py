@@ -1,0 +1,228 @@
+"""Open a Hugging Face checkpoint without loading it: one decoder layer at a time.
+
+The model skeleton is built on the ``meta`` device (no memory). Any module can then be materialised
+from the safetensors shards on demand: its checkpoint keys are read lazily (``safe_open``) and passed
+through transformers' own conversion machinery (``convert_and_load_state_dict_in_model`` with the
+model's ``get_model_conversion_mapping``), so per-expert checkpoint names (``experts.3.w1.weight``)
+are fused exactly as ``from_pretrained`` fuses them. Releasing a module moves it back to ``meta``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM
+from transformers.conversion_mapping import get_model_conversion_mapping
+from transformers.core_model_loading import convert_and_load_state_dict_in_model
+from transformers.modeling_utils import LoadStateDictConfig
+
+from moecompress.errors import MoeCompressError, UnsupportedModelError
+from moecompress.model.view import MoEModelView, describe_model
+
+log = logging.getLogger(__name__)
+
+
+class CheckpointIndex:
+    """Checkpoint key -> safetensors file, for a single-file or sharded (index.json) checkpoint."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        index = folder / "model.safetensors.index.json"
+        single = folder / "model.safetensors"
+        if index.exists():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError) as exc:
+                raise MoeCompressError(f"{index} is not a valid safetensors index ({exc}); re-save the model") from exc
+            self.key_to_file = {k: folder / f for k, f in weight_map.items()}
+        elif single.exists():
+            self.key_to_file = {k: single for k in self._keys_of(single)}
+        else:
+            raise MoeCompressError(
+                f"{folder} has no model.safetensors or model.safetensors.index.json; "
+                "save the model with save_pretrained(safe_serialization=True)"
+            )
+        for file in sorted(set(self.key_to_file.values())):
+            if not file.exists():
+                raise MoeCompressError(f"checkpoint shard {file} is missing; re-download or re-save the model")
+        self._handles: dict[Path, object] = {}
+
+    @staticmethod
+    def _keys_of(file: Path) -> list[str]:
+        try:
+            with safe_open(str(file), "pt") as f:
+                return list(f.keys())
+        except Exception as exc:  # safetensors raises several types for corrupt headers
+            raise MoeCompressError(f"cannot read {file}: {exc}; the file is corrupt or not safetensors") from exc
+
+    def keys(self) -> list[str]:
+        return list(self.key_to_file)
+
+    def _handle(self, file: Path):
+        if file not in self._handles:
+            try:
+                self._handles[file] = safe_open(str(file), "pt")
+            except Exception as exc:
+                raise MoeCompressError(f"cannot read {file}: {exc}; the file is corrupt or not safetensors") from exc
+        return self._handles[file]
+
+    def get(self, key: str) -> torch.Tensor:
+        try:
+            return self._handle(self.key_to_file[key]).get_tensor(key)
+        except MoeCompressError:
+            raise
+        except Exception as exc:
+            raise MoeCompressError(f"cannot read tensor {key} from {self.key_to_file[key]}: {exc}") from exc
+
+    def total_bytes(self) -> int:
+        return sum(f.stat().st_size for f in set(self.key_to_file.values()))
+
+
+def read_config(folder: str | Path):
+    """AutoConfig of a model folder, with one-line errors for the usual mistakes."""
+    path = Path(folder)
+    if not path.exists():
+        raise MoeCompressError(f"model folder {path} does not exist")
+    if not path.is_dir():
+        raise MoeCompressError(f"{path} is not a folder; pass a folder written by save_pretrained")
+    if not (path / "config.json").exists():
+        raise MoeCompressError(f"{path} has no config.json; pass a folder written by save_pretrained")
+    try:
+        return AutoConfig.from_pretrained(str(path))
+    except (ValueError, KeyError, OSError, json.JSONDecodeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UnsupportedModelError(f"cannot read {path / 'config.json'}: {first}") from exc
+
+
+def _rotary_like(module: nn.Module) -> bool:
+    return type(module).__name__.endswith("RotaryEmbedding")
+
+
+class LayerwiseModel:
+    """A causal LM whose weights live on disk until a module is asked for.
+
+    ``model`` is the full skeleton (meta device); ``view`` its MoE view (valid on meta: shapes only).
+    """
+
+    def __init__(self, folder: str | Path, dtype: torch.dtype = torch.float32, attn_implementation: str | None = None):
+        self.folder = Path(folder)
+        self.config = read_config(self.folder)
+        self.checkpoint = CheckpointIndex(self.folder)
+        self.dtype = dtype
+        try:
+            with torch.device("meta"):
+                self.model = AutoModelForCausalLM.from_config(
+                    self.config, dtype=dtype, attn_implementation=attn_implementation
+                )
+        except ValueError as exc:
+            first = str(exc).strip().splitlines()[0]
+            raise UnsupportedModelError(f"transformers cannot build model type {self.config.model_type!r}: {first}") from exc
+        self.model.eval()
+        self.view: MoEModelView = describe_model(self.model)
+        self.layers = self.model.get_submodule(self.view.layers_name)
+        self._mapping = get_model_conversion_mapping(self.model)
+
+    # -- materialising modules ---------------------------------------------------------------------
+
+    def _keys_under(self, prefix: str) -> list[str]:
+        p = prefix + "."
+        return [k for k in self.checkpoint.keys() if k.startswith(p)]
+
+    @torch.no_grad()
+    def _load_keys(self, keys: list[str]) -> set[str]:
+        """Load checkpoint tensors into the (materialised) skeleton; return the parameter names filled."""
+        state = {k: self.checkpoint.get(k) for k in keys}
+        cfg = LoadStateDictConfig(weight_mapping=self._mapping, dtype=self.dtype)
+        info, _ = convert_and_load_state_dict_in_model(self.model, state, cfg)
+        if info.conversion_errors:
+            raise MoeCompressError(f"cannot convert checkpoint tensors: {info.conversion_errors}")
+        return info.missing_keys
+
+    def _materialize(self, module: nn.Module) -> None:
+        module.to_empty(device="cpu")
+        # Non-persistent buffers (rotary inverse frequencies) are computed in __init__, not stored:
+        # rebuild them on CPU instead of leaving uninitialised memory behind.
+        for name, sub in list(module.named_modules()):
+            if _rotary_like(sub):
+                fresh = type(sub)(config=sub.config) if hasattr(sub, "config") else type(sub)(self.config)
+                parent = module.get_submodule(name.rsplit(".", 1)[0]) if "." in name else module
+                if name:
+                    setattr(parent, name.rsplit(".", 1)[-1], fresh)
+
+    def _check_loaded(self, prefix: str, module: nn.Module, missing: set[str]) -> None:
+        names = {f"{prefix}.{n}" if prefix else n for n, _ in module.named_parameters()}
+        absent = sorted(names & missing)
+        if absent:
+            raise MoeCompressError(
+                f"checkpoint {self.folder} lacks {len(absent)} weights of {prefix or 'the model'} "
+                f"(first: {absent[0]}); the checkpoint is incomplete or from another architecture"
+            )
+
+    def load_layer(self, index: int) -> nn.Module:
+        """Materialise decoder layer ``index`` on CPU with its checkpoint weights."""
+        prefix = f"{self.view.layers_name}.{index}"
+        layer = self.layers[index]
+        self._materialize(layer)
+        missing = self._load_keys(self._keys_under(prefix))
+        self._check_loaded(prefix, layer, missing)
+        return layer
+
+    def release_layer(self, index: int) -> None:
+        self.layers[index].to("meta")
+
+    def load_outer(self) -> None:
+        """Materialise everything that is not a decoder layer: embeddings, final norm, head, rotary."""
+        layers = self.view.layers_name
+        outer_keys = [k for k in self.checkpoint.keys() if not k.startswith(layers + ".")]
+        for name, module in self.model.named_children():
+            self._materialize_outer(module, name)
+        missing = self._load_keys(outer_keys)
+        self._tie_if_needed(missing)
+        outer_missing = {m for m in missing if not m.startswith(layers + ".")}
+        if outer_missing:
+            raise MoeCompressError(
+                f"checkpoint {self.folder} lacks {sorted(outer_missing)[0]}; the checkpoint is incomplete"
+            )
+
+    def _materialize_outer(self, module: nn.Module, name: str) -> None:
+        layers = self.view.layers_name
+        if name == layers:
+            return
+        if layers.startswith(name + "."):
+            for child_name, child in module.named_children():
+                self._materialize_outer(child, f"{name}.{child_name}")
+            for pname, p in list(module.named_parameters(recurse=False)):
+                module.register_parameter(pname, nn.Parameter(torch.empty_like(p, device="cpu"), requires_grad=False))
+            return
+        self._materialize(module)
+        if _rotary_like(module):
+            parent_name, _, attr = name.rpartition(".")
+            parent = self.model.get_submodule(parent_name) if parent_name else self.model
+            setattr(parent, attr, type(module)(config=self.config))
+
+    def _tie_if_needed(self, missing: set[str]) -> None:
+        if "lm_head.weight" in missing and getattr(self.config, "tie_word_embeddings", False):
+            self.model.lm_head.weight = self.model.get_input_embeddings().weight
+            missing.discard("lm_head.weight")
+
+    def release_outer(self) -> None:
+        for name, module in self.model.named_children():
+            if name != self.view.layers_name.split(".")[0]:
+                module.to("meta")
+        base = self.model.get_submodule(self.view.layers_name.rsplit(".", 1)[0]) if "." in self.view.layers_name else None
+        if base is not None:
+            for child_name, child in base.named_children():
+                if f"{self.view.layers_name.rsplit('.', 1)[0]}.{child_name}" != self.view.layers_name:
+                    child.to("meta")
+
+    def load_full(self) -> nn.Module:
+        """Materialise the whole model (for small models and tests)."""
+        self.load_outer()
+        for i in range(self.view.num_layers):
+            self.load_layer(i)
+        return self.model
