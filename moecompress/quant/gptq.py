@@ -127,6 +127,8 @@ def gptq_quantize(
     g = spec.resolved_group(k)
     if act_order and not static_groups and g != k:
         raise MoeCompressError("act_order with groups needs static_groups=True (groups must stay contiguous)")
+    if block_size < 1:
+        raise MoeCompressError(f"block_size must be a positive number of columns, got {block_size}")
     h = _prepare_hessian(h, k)
     w = w.to(device=h.device, dtype=torch.float32).clone()
     static = compute_qparams(w, spec) if static_groups or g == k else None
@@ -142,6 +144,8 @@ def gptq_quantize(
         scales = torch.empty(n, k // g, dtype=torch.float32, device=w.device)
         zeros = None if spec.symmetric else torch.empty_like(scales)
     col_spec = QuantSpec(spec.bits, 1, spec.symmetric)  # one column on its own group's grid
+    group_spec = QuantSpec(spec.bits, g, spec.symmetric, spec.clip_search)  # one [N, G] group
+    group_of = [c // g for c in perm.tolist()]  # group of the column at each permuted position
     loss = torch.zeros((), dtype=torch.float64, device=w.device)
     for b0 in range(0, k, block_size):
         b1 = min(b0 + block_size, k)
@@ -149,10 +153,10 @@ def gptq_quantize(
         err_blk = torch.zeros_like(w_blk)
         for i in range(b1 - b0):
             j = b0 + i  # permuted position; perm[j] is the original column
-            grp = int(perm[j]) // g
+            grp = group_of[j]
             if static is None and j % g == 0:  # entering a group: fit it to the updated columns
                 current = _updated_columns(w, w_blk, err_blk, u, b0, i, g)
-                s_new, z_new = compute_qparams(current, QuantSpec(spec.bits, g, spec.symmetric, spec.clip_search))
+                s_new, z_new = compute_qparams(current, group_spec)
                 scales[:, grp] = s_new[:, 0]
                 if zeros is not None:
                     zeros[:, grp] = z_new[:, 0]
@@ -164,9 +168,9 @@ def gptq_quantize(
             codes[:, j] = q[:, 0]
             d = u_blk[i, i]
             err = (col - q_hat) / d  # [N, 1]
-            loss += (err.double() ** 2).sum() / 2
             w_blk[:, i:] -= err @ u_blk[i : i + 1, i:]  # propagate inside the block now
             err_blk[:, i : i + 1] = err
+        loss += err_blk.double().pow(2).sum() / 2
         w[:, b1:] -= err_blk @ u[b0:b1, b1:]  # lazy batch update of everything after the block
 
     codes = codes[:, torch.argsort(perm)]  # back to original column order

@@ -1,0 +1,66 @@
+"""`moecompress inspect`: what an MoE checkpoint is made of, read from its config (nothing loaded)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from moecompress.model.loading import LayerwiseModel
+
+SIZE_BITS = (16, 8, 4, 3, 2)
+
+
+@dataclass
+class ModelSummary:
+    model_type: str
+    generic_path: bool
+    num_layers: int
+    moe_layers: list[int]
+    num_experts: int
+    top_k: int
+    router_kind: str
+    has_shared_experts: bool
+    expert_layout: str
+    expert_hidden_size: int
+    expert_intermediate_size: int
+    params_total: int
+    params_routed_experts: int
+    params_active: int
+    checkpoint_bytes: int
+    estimated_bytes: dict[str, int] = field(default_factory=dict)
+
+    def as_json(self) -> dict:
+        return asdict(self)
+
+
+def summarize(folder: str | Path, group_size: int = 128) -> ModelSummary:
+    """Summary of a model folder; the skeleton is built on the meta device, so this is instant."""
+    lm = LayerwiseModel(folder)
+    view = lm.view
+    first = view.blocks[view.moe_layers[0]]
+    total = sum(p.numel() for p in lm.model.parameters())
+    routed = sum(b.experts.num_experts * b.experts.params_per_expert() for b in view.blocks.values())
+    inactive = sum((b.num_experts - b.top_k) * b.experts.params_per_expert() for b in view.blocks.values())
+    estimated = {}
+    for bits in SIZE_BITS:
+        # Routed experts at `bits` (+ fp16 scale per group when quantized); everything else stays 16-bit.
+        per_weight = 16 if bits == 16 else bits + 16 / group_size
+        estimated[f"{bits}bit"] = int(((total - routed) * 16 + routed * per_weight) / 8)
+    return ModelSummary(
+        model_type=view.family,
+        generic_path=view.generic,
+        num_layers=view.num_layers,
+        moe_layers=view.moe_layers,
+        num_experts=first.num_experts,
+        top_k=first.top_k,
+        router_kind=first.router.scoring,
+        has_shared_experts=any(b.shared is not None for b in view.blocks.values()),
+        expert_layout=first.experts.layout,
+        expert_hidden_size=first.experts.hidden_size,
+        expert_intermediate_size=first.experts.intermediate_size,
+        params_total=total,
+        params_routed_experts=routed,
+        params_active=total - inactive,
+        checkpoint_bytes=lm.checkpoint.total_bytes(),
+        estimated_bytes=estimated,
+    )
