@@ -1,0 +1,403 @@
+"""Expert-aware quantization pass: GPTQ (or RTN) per expert, balanced calibration, AGQ.
+
+Per MoE layer, through the layer-by-layer driver:
+
+* the observation forward records, at the experts module, the block input ``x [T, H]``, the routing
+  decision (``top_k_index``, ``top_k_weights``) and, at the router, the router probabilities;
+* ``process`` then quantizes one expert at a time (memory: one expert's Hessians):
+  - tokens: the tokens routed to the expert, or with ``calibrate_all_experts`` every calibration token
+    (llm-compressor's default: statistics from all tokens, while only routed outputs flow on);
+  - AGQ (MoEQuant): token t contributes ``c_t x_t x_t^T`` with ``c_t`` its affinity to the expert:
+    the routing weight the model applies for routed tokens, the router probability for the others
+    (which only appear with calibrate-all-experts);
+  - gate and up (one fused ``[2I, H]`` matrix, same Hessian) first; the down projection's Hessian
+    is then built from the activations of the QUANTIZED gate/up, as MoEQuant orders it;
+  - an expert that saw fewer than ``min_tokens`` routed tokens falls back (RTN, or GPTQ with 10x
+    damping over the calibrate-all Hessian), named in the report;
+* the experts module is replaced by a :class:`PackedExperts` that computes from the packed weights,
+  so the next layer's inputs and the written checkpoint come from exactly what ``from_pretrained``
+  will load.
+
+Routers and ``shared_expert_gate`` are never quantized. Shared experts and attention are ordinary
+``nn.Linear`` modules quantized with GPTQ over their own inputs, with their own widths.
+
+Shape legend: T tokens, E experts, H hidden, I expert intermediate size, k top-k.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from moecompress.errors import MoeCompressError
+from moecompress.model.driver import LayerContext
+from moecompress.model.view import ExpertsView, MoEBlockView
+from moecompress.quant.gptq import accumulate_hessian, gptq_quantize, make_empty_hessian
+from moecompress.quant.grid import QuantResult, QuantSpec, rtn
+from moecompress.quant.packed_modules import UNQUANTIZED, ExpertsSpec, PackedExperts, PackedLinear
+
+log = logging.getLogger(__name__)
+
+METHODS = ("gptq", "rtn")
+FALLBACKS = ("rtn", "damped-gptq")
+
+
+@dataclass(frozen=True)
+class QuantizeConfig:
+    bits: int = 4
+    group_size: int = 128
+    symmetric: bool = True
+    method: str = "gptq"
+    calibrate_all_experts: bool = True
+    agq: bool = True
+    damp: float = 0.01
+    act_order: bool = False
+    clip_search: bool = False
+    min_tokens_fraction: float = 0.005  # GPTQModel's threshold: < 0.5% of the layer's tokens
+    fallback: str = "rtn"
+    attention_bits: int | None = None  # None: attention stays in full precision
+    shared_expert_bits: int | None = None  # None: same as `bits`; 16 keeps shared experts dense
+    # Per-layer per-expert widths (from the bit allocator); None: every expert at `bits`.
+    expert_bits: dict[int, list[int]] | None = None
+
+    def validate(self) -> None:
+        if self.method not in METHODS:
+            raise MoeCompressError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.fallback not in FALLBACKS:
+            raise MoeCompressError(f"unknown fallback {self.fallback!r}; choose one of {', '.join(FALLBACKS)}")
+        QuantSpec(self.bits, self.group_size, self.symmetric)
+        for b in (self.attention_bits, self.shared_expert_bits):
+            if b is not None and b != UNQUANTIZED:
+                QuantSpec(b, self.group_size, self.symmetric)
+
+    def spec(self, bits: int) -> QuantSpec:
+        return QuantSpec(bits, self.group_size, self.symmetric, self.clip_search)
+
+    def widths_for(self, layer: int, num_experts: int) -> list[int]:
+        if self.expert_bits is None:
+            return [self.bits] * num_experts
+        if layer not in self.expert_bits:
+            raise MoeCompressError(f"no expert widths given for MoE layer {layer}")
+        return list(self.expert_bits[layer])
+
+
+@dataclass
+class ExpertRecord:
+    """One row of the report."""
+
+    layer: int
+    expert: int
+    bits: int
+    tokens: int
+    method: str
+    rel_error: float  # ||X W^T - X Q^T||_F / ||X W^T||_F over the Hessian tokens, gate_up and down averaged
+
+
+@dataclass
+class QuantizeReport:
+    experts: list[ExpertRecord] = field(default_factory=list)
+    linears: list[dict] = field(default_factory=list)
+
+    def fallbacks(self) -> list[ExpertRecord]:
+        return [r for r in self.experts if r.method not in ("gptq", "rtn", "kept")]
+
+
+# --------------------------------------------------------------------------------------------------
+# Observation: what reaches the experts module
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _ExpertInputs:
+    x: list[torch.Tensor] = field(default_factory=list)  # [T, H] per batch
+    index: list[torch.Tensor] = field(default_factory=list)  # [T, k]
+    weights: list[torch.Tensor] = field(default_factory=list)  # [T, k]
+    probs: list[torch.Tensor] = field(default_factory=list)  # [T, E] router probabilities
+
+
+def _experts_args(args, kwargs):
+    names = ("hidden_states", "top_k_index", "top_k_weights")
+    alt = {"top_k_index": "router_indices", "top_k_weights": "routing_weights"}
+    values = list(args) + [None] * (3 - len(args))
+    for i, n in enumerate(names):
+        if values[i] is None:
+            values[i] = kwargs.get(n, kwargs.get(alt.get(n, n)))
+    return values
+
+
+def record_expert_inputs(block: MoEBlockView) -> tuple[_ExpertInputs, list]:
+    """Hooks that record the experts module's inputs and the router probabilities."""
+    store = _ExpertInputs()
+
+    def on_experts(_module, args, kwargs):
+        x, idx, w = _experts_args(args, kwargs)
+        store.x.append(x.detach().float())
+        store.index.append(idx.detach())
+        store.weights.append(w.detach().float())
+
+    def on_router(_module, _args, out):
+        logits = out[0] if isinstance(out, tuple) else out
+        store.probs.append(block.router.probabilities(logits.detach()).reshape(-1, block.num_experts))
+
+    handles = [
+        block.experts.module.register_forward_pre_hook(on_experts, with_kwargs=True),
+        block.router.module.register_forward_hook(on_router),
+    ]
+    return store, handles
+
+
+def expert_tokens(store: _ExpertInputs, e: int, all_tokens: bool, agq: bool) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Calibration tokens for expert e: (x [T_e, H], affinity weights [T_e], routed token count)."""
+    xs, cs, routed = [], [], 0
+    for x, idx, w, p in zip(store.x, store.index, store.weights, store.probs):
+        hit = idx == e  # [T, k]
+        is_routed = hit.any(dim=-1)
+        routed += int(is_routed.sum())
+        applied = (w * hit).sum(dim=-1)  # the routing weight the model applies, 0 when not routed
+        keep = torch.ones_like(is_routed) if all_tokens else is_routed
+        affinity = torch.where(is_routed, applied, p[:, e].float())
+        xs.append(x[keep])
+        cs.append(affinity[keep])
+    x = torch.cat(xs) if xs else torch.zeros(0)
+    c = torch.cat(cs) if cs else torch.zeros(0)
+    return x, (c if agq else torch.ones_like(c)), routed
+
+
+# --------------------------------------------------------------------------------------------------
+# Quantizing one expert / one linear
+# --------------------------------------------------------------------------------------------------
+
+
+def _hessian(x: torch.Tensor, weights: torch.Tensor, k: int) -> torch.Tensor:
+    h = make_empty_hessian(k)
+    if x.shape[0]:
+        # AGQ weights are affinities in [0, 1]; the Hessian's scale does not change GPTQ's solution
+        # but damping is relative to its diagonal, so it stays consistent across experts.
+        h, _ = accumulate_hessian(h, x, 0, weights)
+    return h
+
+
+def quantize_matrix(w: torch.Tensor, h: torch.Tensor, spec: QuantSpec, method: str, damp: float, act_order: bool) -> QuantResult:
+    if method == "rtn":
+        return rtn(w.float(), spec)
+    result, _loss = gptq_quantize(w.float(), h, spec, damp=damp, act_order=act_order)
+    return result
+
+
+def _relative_output_error(w: torch.Tensor, w_hat: torch.Tensor, x: torch.Tensor) -> float:
+    if x.shape[0] == 0:
+        return float((w - w_hat).norm() / w.norm().clamp_min(1e-12))
+    ref = x @ w.float().t()
+    return float((ref - x @ w_hat.float().t()).norm() / ref.norm().clamp_min(1e-12))
+
+
+def expert_method(cfg: QuantizeConfig, routed: int, total_tokens: int) -> tuple[str, float]:
+    """(method, damping) for an expert that saw ``routed`` of the layer's ``total_tokens`` tokens."""
+    if cfg.method == "rtn":
+        return "rtn", cfg.damp
+    if routed >= max(1, cfg.min_tokens_fraction * total_tokens):
+        return "gptq", cfg.damp
+    if cfg.fallback == "damped-gptq" and cfg.calibrate_all_experts:
+        return "fallback:damped-gptq", cfg.damp * 10
+    return "fallback:rtn", cfg.damp
+
+
+def activation_of(experts: ExpertsView, config) -> tuple[str, dict]:
+    """The experts' activation as the kernels name it."""
+    module = experts.module
+    if type(module)._apply_gate.__name__ != "_default_apply_gate":
+        if hasattr(module, "alpha") and hasattr(module, "limit"):
+            return "gpt_oss", {"alpha": float(module.alpha), "limit": float(module.limit)}
+        raise MoeCompressError(f"{type(module).__name__} has an activation moecompress cannot pack yet")
+    act = str(getattr(config, "hidden_act", "silu"))
+    if act in ("silu", "swish"):
+        return "silu", {}
+    if act.startswith("gelu"):
+        return "gelu", {}
+    raise MoeCompressError(f"expert activation {act!r} is not supported by the packed kernels")
+
+
+def canonical_expert(experts: ExpertsView, e: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """(gate_up [2I, H] gate rows then up rows, down [H, I], gate_up_bias, down_bias) of expert e."""
+    if experts.has_gate:
+        gate_up = torch.cat([experts.get(e, "gate"), experts.get(e, "up")])
+    else:
+        gate_up = experts.get(e, "up")
+    gu_bias = down_bias = None
+    if experts.has_bias:
+        gu_bias = (
+            torch.cat([experts.get_bias(e, "gate"), experts.get_bias(e, "up")]) if experts.has_gate else experts.get_bias(e, "up")
+        )
+        down_bias = experts.get_bias(e, "down")
+    return gate_up, experts.get(e, "down"), gu_bias, down_bias
+
+
+def _write_gate_up(experts: ExpertsView, e: int, gate_up: torch.Tensor) -> None:
+    """Write a canonical gate_up [2I, H] (or up [I, H]) back through the view."""
+    if experts.has_gate:
+        i = experts.intermediate_size
+        experts.set(e, "gate", gate_up[:i])
+        experts.set(e, "up", gate_up[i:])
+    else:
+        experts.set(e, "up", gate_up)
+
+
+# --------------------------------------------------------------------------------------------------
+# The pass
+# --------------------------------------------------------------------------------------------------
+
+
+class QuantizePass:
+    """LayerPass quantizing routed experts (and optionally attention / shared experts) of each layer."""
+
+    def __init__(self, cfg: QuantizeConfig, model_config, dtype: torch.dtype = torch.float32):
+        cfg.validate()
+        self.cfg = cfg
+        self.model_config = model_config
+        self.dtype = dtype
+        self.report = QuantizeReport()
+        self.modules: dict[str, dict] = {}  # module path -> packed description (for the config)
+        self._experts_store: _ExpertInputs | None = None
+        self._linear_inputs: dict[str, list[torch.Tensor]] = {}
+
+    # -- observation ---------------------------------------------------------------------------------
+
+    def _linears_to_quantize(self, ctx: LayerContext) -> dict[str, tuple[nn.Linear, int]]:
+        """name (relative to the layer) -> (module, bits) for attention and shared-expert linears."""
+        chosen = {}
+        block = ctx.block
+        shared_bits = self.cfg.shared_expert_bits if self.cfg.shared_expert_bits is not None else self.cfg.bits
+        for name, module in ctx.layer.named_modules():
+            if not isinstance(module, nn.Linear):
+                continue
+            if block is not None and name.startswith(block.block_name + "."):
+                rel = name[len(block.block_name) + 1 :]
+                if block.shared_name and rel.startswith(block.shared_name + ".") and shared_bits != UNQUANTIZED:
+                    chosen[name] = (module, shared_bits)
+                continue  # routers, shared_expert_gate: never quantized
+            if ".self_attn." in f".{name}." or name.startswith("self_attn") or "attn" in name.split(".")[0]:
+                if self.cfg.attention_bits is not None and self.cfg.attention_bits != UNQUANTIZED:
+                    chosen[name] = (module, self.cfg.attention_bits)
+        return {n: v for n, v in chosen.items() if v[0].in_features % 32 == 0}
+
+    def attach(self, ctx: LayerContext) -> list:
+        handles = []
+        if ctx.block is not None:
+            self._experts_store, h = record_expert_inputs(ctx.block)
+            handles += h
+        self._linear_inputs = {}
+        if self.cfg.method == "gptq":
+            for name in self._linears_to_quantize(ctx):
+                module = ctx.layer.get_submodule(name)
+                buf = self._linear_inputs.setdefault(name, [])
+                handles.append(module.register_forward_pre_hook(lambda _m, a, buf=buf: buf.append(a[0].detach().float().reshape(-1, a[0].shape[-1]))))
+        return handles
+
+    # -- processing ----------------------------------------------------------------------------------
+
+    def process(self, ctx: LayerContext) -> bool:
+        changed = False
+        layer_prefix = f"{ctx.model.view.layers_name}.{ctx.index}" if ctx.model is not None else f"layers.{ctx.index}"
+        for name, (module, bits) in self._linears_to_quantize(ctx).items():
+            self._quantize_linear(ctx, name, module, bits, layer_prefix)
+            changed = True
+        if ctx.block is not None:
+            self._quantize_experts(ctx, layer_prefix)
+            changed = True
+        self._experts_store = None
+        self._linear_inputs = {}
+        return changed
+
+    def _quantize_linear(self, ctx: LayerContext, name: str, module: nn.Linear, bits: int, layer_prefix: str) -> None:
+        spec = self.cfg.spec(bits)
+        spec.validate(module.in_features, packable=True)
+        w = module.weight.detach().float()
+        xs = self._linear_inputs.get(name, [])
+        x = torch.cat(xs) if xs else torch.zeros(0, module.in_features)
+        method = "gptq" if (self.cfg.method == "gptq" and x.shape[0]) else "rtn"
+        h = _hessian(x, torch.ones(x.shape[0]), module.in_features) if method == "gptq" else None
+        result = quantize_matrix(w, h, spec, method, self.cfg.damp, self.cfg.act_order)
+        packed = result.packed()
+        bias = module.bias.detach() if module.bias is not None else None
+        new = PackedLinear.from_packed(packed, bias, self.dtype)
+        ctx.layer.set_submodule(name, new)
+        self.modules[f"{layer_prefix}.{name}"] = {
+            "type": "linear",
+            "in_features": module.in_features,
+            "out_features": module.out_features,
+            "bits": bits,
+            "group_size": packed.group_size,
+            "symmetric": spec.symmetric,
+            "bias": bias is not None,
+        }
+        self.report.linears.append(
+            {"layer": ctx.index, "module": name, "bits": bits, "method": method, "rel_error": _relative_output_error(w, result.dequantized(), x[:4096])}
+        )
+
+    @torch.no_grad()
+    def _quantize_experts(self, ctx: LayerContext, layer_prefix: str) -> None:
+        block, store, cfg = ctx.block, self._experts_store, self.cfg
+        experts = block.experts
+        widths = cfg.widths_for(ctx.index, experts.num_experts)
+        activation, act_params = activation_of(experts, self.model_config)
+        total_tokens = sum(x.shape[0] for x in store.x)
+        spec_e = ExpertsSpec(
+            num_experts=experts.num_experts,
+            hidden_size=experts.hidden_size,
+            intermediate_size=experts.intermediate_size,
+            bits=tuple(widths),
+            group_size=cfg.group_size,
+            symmetric=cfg.symmetric,
+            has_gate=experts.has_gate,
+            has_bias=experts.has_bias,
+            activation=activation,
+            act_params=tuple(sorted(act_params.items())),
+        )
+        for b in set(widths) - {UNQUANTIZED}:
+            self.cfg.spec(b).validate(experts.hidden_size, packable=True)
+            self.cfg.spec(b).validate(experts.intermediate_size, packable=True)
+        packed = PackedExperts(spec_e, dtype=self.dtype)
+        slots = {b: 0 for b in set(widths)}
+        for e in range(experts.num_experts):
+            bits = widths[e]
+            gate_up, down, gu_bias, d_bias = canonical_expert(experts, e)
+            if experts.has_bias:
+                packed.gate_up_bias[e].copy_(gu_bias)
+                packed.down_bias[e].copy_(d_bias)
+            x, c, routed = expert_tokens(store, e, cfg.calibrate_all_experts, cfg.agq)
+            slot = slots[bits]
+            slots[bits] += 1
+            if bits == UNQUANTIZED:
+                getattr(packed, f"w{bits}_gate_up")[slot].copy_(gate_up)
+                getattr(packed, f"w{bits}_down")[slot].copy_(down)
+                self.report.experts.append(ExpertRecord(ctx.index, e, bits, routed, "kept", 0.0))
+                continue
+            method, damp = expert_method(cfg, routed, total_tokens)
+            solver = "rtn" if method in ("rtn", "fallback:rtn") else "gptq"
+            spec = cfg.spec(bits)
+            h_in = _hessian(x, c, experts.hidden_size) if solver == "gptq" else None
+            q_gu = quantize_matrix(gate_up, h_in, spec, solver, damp, cfg.act_order)
+            # The down projection sees the activations of the QUANTIZED gate/up, computed by the
+            # family's own activation through the view (written in place into the original module,
+            # which is replaced by the packed one below).
+            _write_gate_up(experts, e, q_gu.dequantized())
+            a = experts.intermediate(e, x) if x.shape[0] else x.new_zeros(0, experts.intermediate_size)
+            h_down = _hessian(a, c, experts.intermediate_size) if solver == "gptq" else None
+            q_down = quantize_matrix(down, h_down, spec, solver, damp, cfg.act_order)
+            self._store_packed(packed, bits, slot, q_gu, q_down)
+            err = 0.5 * (_relative_output_error(gate_up, q_gu.dequantized(), x[:4096]) + _relative_output_error(down, q_down.dequantized(), a[:4096]))
+            self.report.experts.append(ExpertRecord(ctx.index, e, bits, routed, method, err))
+        ctx.layer.set_submodule(block.experts_name, packed)
+        self.modules[f"{layer_prefix}.{block.experts_name}"] = {"type": "experts", **spec_e.as_json()}
+
+    @staticmethod
+    def _store_packed(packed: PackedExperts, bits: int, slot: int, q_gu: QuantResult, q_down: QuantResult) -> None:
+        for proj, result in (("gate_up", q_gu), ("down", q_down)):
+            p = result.packed()
+            getattr(packed, f"w{bits}_{proj}_qweight")[slot].copy_(p.qweight)
+            getattr(packed, f"w{bits}_{proj}_scales")[slot].copy_(p.scales)
+            if p.zeros is not None:
+                getattr(packed, f"w{bits}_{proj}_zeros")[slot].copy_(p.zeros)

@@ -1,0 +1,119 @@
+"""`quant_method: "moecompress"` for transformers: the quantization config and the HfQuantizer.
+
+Registered on ``import moecompress``. ``AutoModelForCausalLM.from_pretrained(OUT)`` then builds the
+skeleton, our quantizer swaps every module listed in ``quantization_config.modules`` for its packed
+twin (:class:`PackedExperts` / :class:`PackedLinear`) while the model is still on ``meta``, and the
+loader fills the packed buffers straight from the checkpoint: memory held is the packed size.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers.quantizers.auto import register_quantization_config, register_quantizer
+from transformers.quantizers.base import HfQuantizer
+from transformers.utils.quantization_config import QuantizationConfigMixin
+
+from moecompress.quant.packed_modules import ExpertsSpec, PackedExperts, PackedLinear
+
+QUANT_METHOD = "moecompress"
+CONFIG_VERSION = 1
+
+
+@register_quantization_config(QUANT_METHOD)
+class MoeCompressConfig(QuantizationConfigMixin):
+    """What the native checkpoint holds.
+
+    ``modules`` maps a module path to its packed description: ``{"type": "experts", <ExpertsSpec
+    fields>}`` (each expert's width in ``bits``) or ``{"type": "linear", "in_features", "out_features",
+    "bits", "group_size", "symmetric", "bias"}``. ``provenance`` records tool version, calibration and
+    method; ``extra`` is free-form metadata (pruning, protection, allocation) carried for reports.
+    """
+
+    def __init__(
+        self,
+        modules: dict[str, dict] | None = None,
+        group_size: int = 128,
+        symmetric: bool = True,
+        format: str = "kpack-v1",
+        version: int = CONFIG_VERSION,
+        provenance: dict | None = None,
+        extra: dict | None = None,
+        **kwargs,
+    ):
+        self.quant_method = QUANT_METHOD
+        self.modules = modules or {}
+        self.group_size = group_size
+        self.symmetric = symmetric
+        self.format = format
+        self.version = version
+        self.provenance = provenance or {}
+        self.extra = extra or {}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "quant_method": self.quant_method,
+            "format": self.format,
+            "version": self.version,
+            "group_size": self.group_size,
+            "symmetric": self.symmetric,
+            "modules": self.modules,
+            "provenance": self.provenance,
+            "extra": self.extra,
+        }
+
+    def expert_bits(self) -> dict[str, list[int]]:
+        """Module path -> per-expert widths, for reports and budget checks."""
+        return {k: v["bits"] for k, v in self.modules.items() if v["type"] == "experts"}
+
+
+def build_packed_module(description: dict, dtype: torch.dtype) -> torch.nn.Module:
+    """An empty packed module from its description in ``MoeCompressConfig.modules``."""
+    kind = description["type"]
+    if kind == "experts":
+        spec = ExpertsSpec.from_json({k: v for k, v in description.items() if k != "type"})
+        return PackedExperts(spec, dtype=dtype)
+    if kind == "linear":
+        return PackedLinear(
+            description["in_features"],
+            description["out_features"],
+            description["bits"],
+            description["group_size"],
+            description["symmetric"],
+            description["bias"],
+            dtype=dtype,
+        )
+    raise ValueError(f"unknown packed module type {kind!r}")
+
+
+def replace_modules(model: torch.nn.Module, modules: dict[str, dict], dtype: torch.dtype) -> None:
+    for path, description in modules.items():
+        parent_name, _, attr = path.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        with torch.device("meta"):
+            setattr(parent, attr, build_packed_module(description, dtype))
+
+
+@register_quantizer(QUANT_METHOD)
+class MoeCompressHfQuantizer(HfQuantizer):
+    """Loads moecompress native checkpoints packed (never dequantized to dense)."""
+
+    requires_calibration = True  # only pre-quantized checkpoints can be loaded
+
+    def _process_model_before_weight_loading(self, model, **kwargs):
+        dtype = getattr(model.config, "dtype", None) or torch.get_default_dtype()
+        if isinstance(dtype, str):
+            dtype = getattr(torch, dtype)
+        replace_modules(model, self.quantization_config.modules, dtype)
+        return model
+
+    def _process_model_after_weight_loading(self, model, **kwargs):
+        return model
+
+    def is_serializable(self) -> bool:
+        return False  # moecompress writes its own checkpoints (moecompress.export.native)
+
+    @property
+    def is_trainable(self) -> bool:
+        return False
