@@ -101,3 +101,32 @@ def quantize_job(
 def _checkpoint_dtype(lm: LayerwiseModel) -> torch.dtype:
     dtype = getattr(lm.config, "dtype", None) or torch.float32
     return getattr(torch, dtype) if isinstance(dtype, str) else dtype
+
+
+def calibration_for(
+    model_folder: str | Path, source: str, nsamples: int, seqlen: int, seed: int = 0
+):
+    """Calibration windows for a model folder: its tokenizer for text sources, the model for ``self``."""
+    from moecompress.calibration.sources import load_calibration
+    from moecompress.model.loading import read_config
+
+    config = read_config(model_folder)
+    max_pos = getattr(config, "max_position_embeddings", None)
+    tokenizer, model = None, None
+    if source == "self":
+        from transformers import AutoModelForCausalLM
+
+        # EBSS generates with the whole model; it is the one step that is not layer by layer.
+        model = AutoModelForCausalLM.from_pretrained(str(model_folder), dtype=torch.float32).eval()
+    else:
+        from transformers import AutoTokenizer
+
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(model_folder))
+        except (OSError, ValueError) as exc:
+            raise MoeCompressError(
+                f"{model_folder} has no tokenizer, needed to tokenize calibration text; copy the tokenizer files or use --calib self"
+            ) from exc
+    calib = load_calibration(source, tokenizer, nsamples, seqlen, seed=seed, model=model, max_positions=max_pos)
+    description = {"source": calib.source, "nsamples": nsamples, "seqlen": seqlen, "seed": seed}
+    return calib, description

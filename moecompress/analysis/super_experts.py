@@ -26,6 +26,7 @@ maxima below a few units.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -82,7 +83,7 @@ def _pooled_entries(
             value = float(torch.as_tensor(shared_output_max[layer], dtype=torch.float64).reshape(()))
             entries.append((layer, SHARED_EXPERT, value))
     for layer, expert, value in entries:
-        if not (value == value and abs(value) != float("inf")) or value < 0:  # NaN, inf or negative
+        if not math.isfinite(value) or value < 0:
             raise MoeCompressError(
                 f"layer {layer} expert {expert}: max |output| is {value}; it must be finite and >= 0"
             )

@@ -20,29 +20,34 @@ The program (a multiple-choice knapsack solved exactly by CBC through PuLP):
 with ``e_b = effective_bits(b)`` (the width plus the scale/zero overhead per weight) and p_i the
 expert's weight count. ``scope="global"`` (ours, the default) has one budget group over every layer;
 ``scope="layer"`` (the paper) one per layer. ``granularity="layer"`` ties every expert of a layer to
-one width (one binary per layer and width; the result vLLM can load).
+one width (one binary per layer and width; the result vLLM can load; pinned experts keep their
+pin, so a layer with a pin is uniform only over its other experts).
 
 Why summing costs across layers is well-posed: eps_{i,b} is measured on layer l's block output, a
 perturbation of the residual stream, which has the same hidden size, the same calibration tokens
 and the same units in every layer; phi and w are normalised to sum 1 per layer, so every layer
-brings the same total routing weight. The costs are therefore added across layers unscaled. The
-solver sees them divided by the largest cost (one positive factor: the argmin is unchanged, CBC's
-tolerances behave).
+brings the same total routing weight. The costs are therefore added across layers unscaled (an
+absolute perturbation counts the same wherever it enters, even though the residual stream's norm
+grows with depth: later layers are not discounted for being louder). The solver sees the costs
+multiplied by one positive factor (largest cost -> SOLVER_COST_MAX): the argmin is unchanged and
+CBC's absolute tolerances resolve costs over many orders of magnitude.
 
 Pinned experts (``pinned[(l, e)] = width``, or ``None`` = kept unquantized, reported as 16) are
 EXCLUDED from the budget: the budget is the average over the unpinned ("budgeted") weights only, so
 protecting a super expert does not starve the others of bits. ``Allocation.budgeted`` records which
 experts the budget covers, so :func:`budget_bits_used` can recompute it from a written checkpoint.
 
-Ties (costs equal to within 1e-7 of the largest cost, e.g. experts no token reached) are broken
-towards spending more of the budget, through a tiny deterministic term in the objective; CBC runs
-single-threaded, so the same inputs always give the same allocation.
+Ties (choices whose costs differ by less than ~1e-7 of the largest cost, e.g. experts no
+calibration token reached) are broken towards spending more of the budget, through a small
+deterministic reward for stored bits in the objective; CBC runs single-threaded, so the same inputs
+always give the same allocation. The reported objective is the exact cost, without that reward.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -58,7 +63,10 @@ UNQUANTIZED_BITS = 16  # a pinned-unquantized expert (fp16/bf16), no scale/zero 
 SCALE_BITS = 16  # one float16 scale per group and output column (format.py)
 ZERO_BITS = 8  # one uint8 zero point per group and output column when asymmetric (format.py)
 BUDGET_TOL = 1e-9  # average bits: the budget holds when used <= budget + BUDGET_TOL
-TIE_WEIGHT = 1e-7  # size of the tie-breaking term relative to the largest cost
+# CBC's optimality tolerances are absolute (~1e-7 on reduced costs), so the solver sees the costs
+# scaled to a largest value of SOLVER_COST_MAX: differences down to ~1e-11 of the largest cost count.
+SOLVER_COST_MAX = 1e4
+TIE_WEIGHT = 1e-7  # the tie-break per decision, relative to the largest cost (see the module docstring)
 _MAX_RESOLVES = 3  # re-solves with a tightened right-hand side if CBC's tolerance overshoots
 
 ArrayLike = torch.Tensor | Sequence[float]
@@ -204,14 +212,13 @@ def allocate_bits(
     eff = [effective_bits(b, config.group_size, config.symmetric) for b in widths]
 
     units = _decision_units(free, config.granularity)
+    bits = [[0 if pin is None else pin for pin in row] for row in pins]  # 0: filled in from the solution
     if not units:  # everything pinned: nothing to trade off
-        bits = [[_pinned_bits(pins[l][e]) for e in range(n)] for l, n in enumerate(sizes)]
         return Allocation(bits, 0.0, 0.0, "no budgeted experts", free)
 
     _check_feasible(eff, config)
     choice, status = _solve(units, free, costs, param_rows, eff, widths, config)
 
-    bits = [[_pinned_bits(pins[l][e]) for e in range(n)] for l, n in enumerate(sizes)]
     objective = 0.0
     for unit, j in zip(units, choice):
         for l, e in unit:
@@ -290,7 +297,7 @@ def _check_shapes(freq, weight_mass, errors, params, n_widths: int) -> list[int]
 
 
 def _resolve_pins(pinned, sizes: list[int]) -> list[list[int | None]]:
-    """[l][e] -> None for a free expert, else its fixed width (16 = unquantized)."""
+    """[l][e] -> None for a free (budgeted) expert, else its fixed width (a pin to None becomes 16)."""
     pins: list[list[int | None]] = [[None] * n for n in sizes]
     for key, width in (pinned or {}).items():
         layer, expert = key
@@ -300,10 +307,6 @@ def _resolve_pins(pinned, sizes: list[int]) -> list[list[int | None]]:
             raise MoeCompressError(f"pinned expert {key}: width {width} not in {SUPPORTED_BITS} or None")
         pins[layer][expert] = UNQUANTIZED_BITS if width is None else int(width)
     return pins
-
-
-def _pinned_bits(pin: int | None) -> int:
-    return -1 if pin is None else pin  # -1: placeholder overwritten by the solution
 
 
 def _decision_units(free: list[list[bool]], granularity: str) -> list[list[tuple[int, int]]]:
@@ -356,55 +359,59 @@ def _top_width_layers(param_rows, free, eff: list[float], config: AllocationConf
 
 def _solve(units, free, costs, param_rows, eff, widths, config: AllocationConfig) -> tuple[list[int], str]:
     """Build and solve the multiple-choice knapsack; -> chosen width index per unit, solver status."""
-    unit_cost = [[sum(costs[l][e][j] for l, e in unit) for j in range(len(widths))] for unit in units]
+    n_widths = len(widths)
+    unit_cost = [[sum(costs[l][e][j] for l, e in unit) for j in range(n_widths)] for unit in units]
     unit_params = [sum(param_rows[l][e] for l, e in unit) for unit in units]
-    scale = max((c for row in unit_cost for c in row), default=0.0) or 1.0
-    total_params = sum(unit_params)
-    groups = _budget_groups(free, config.scope)
+    unit_layer = [unit[0][0] for unit in units]
+    scale = SOLVER_COST_MAX / (max(c for row in unit_cost for c in row) or 1.0)
+    # Tie-break: a reward for stored bits, at most TIE_WEIGHT of the largest cost per decision, so
+    # among equal-cost choices the one spending more budget wins (and the result is unique).
+    largest_unit = max(unit_params)
+    tie = [
+        [TIE_WEIGHT * SOLVER_COST_MAX * unit_params[u] / largest_unit * eff[j] / eff[-1] for j in range(n_widths)]
+        for u in range(len(units))
+    ]
+    group_of_layer = {l: g for g, layers in enumerate(_budget_groups(free, config.scope)) for l in layers}
+    groups: list[list[int]] = [[] for _ in set(group_of_layer.values())]
+    for u, l in enumerate(unit_layer):
+        groups[group_of_layer[l]].append(u)
     top_layers = _top_width_layers(param_rows, free, eff, config)
     slack = [0.0] * len(groups)  # tightening of each group's right-hand side after an overshoot
 
     for _ in range(_MAX_RESOLVES + 1):
-        prob = pulp.LpProblem("bit_allocation", pulp.LpMinimize)
-        x = [
-            [pulp.LpVariable(f"x_{u:06d}_{j:02d}", cat=pulp.LpBinary) for j in range(len(widths))]
-            for u in range(len(units))
-        ]
-        # Objective: scaled costs, minus a tiny term preferring to spend the budget (tie-break).
-        prob += pulp.lpSum(
-            (unit_cost[u][j] / scale - TIE_WEIGHT * unit_params[u] * eff[j] / (total_params * eff[-1])) * x[u][j]
-            for u in range(len(units))
-            for j in range(len(widths))
-        )
-        for u in range(len(units)):
-            prob += pulp.lpSum(x[u]) == 1, f"one_width_{u:06d}"
-        unit_layer = [unit[0][0] for unit in units]
-        for g, layers in enumerate(groups):
-            members = [u for u in range(len(units)) if unit_layer[u] in layers]
-            group_params = sum(unit_params[u] for u in members)
-            # Normalised by the group's weight count: the left side is the group's average bits.
-            prob += (
-                pulp.lpSum(unit_params[u] / group_params * eff[j] * x[u][j] for u in members for j in range(len(widths)))
-                <= config.budget - slack[g],
-                f"budget_{g:04d}",
+        with warnings.catch_warnings():  # PuLP 3.x deprecation notices for the 2.x API we use
+            warnings.simplefilter("ignore", DeprecationWarning)
+            prob = pulp.LpProblem("bit_allocation", pulp.LpMinimize)
+            x = [
+                [pulp.LpVariable(f"x_{u:06d}_{j:02d}", cat=pulp.LpBinary) for j in range(n_widths)]
+                for u in range(len(units))
+            ]
+            prob += pulp.lpSum(
+                (unit_cost[u][j] * scale - tie[u][j]) * x[u][j] for u in range(len(units)) for j in range(n_widths)
             )
-        for l in top_layers:
-            members = [u for u in range(len(units)) if unit_layer[u] == l]
-            for j in (len(widths) - 1, len(widths) - 2):
-                prob += pulp.lpSum(x[u][j] for u in members) >= 1, f"top_width_{l:04d}_{j:02d}"
-
-        prob.solve(pulp.PULP_CBC_CMD(msg=False, threads=1))
+            for u in range(len(units)):
+                prob += pulp.lpSum(x[u]) == 1, f"one_width_{u:06d}"
+            for g, members in enumerate(groups):
+                group_params = sum(unit_params[u] for u in members)
+                # Divided by the group's weight count, the left side is the group's average bits.
+                average = pulp.lpSum(
+                    unit_params[u] / group_params * eff[j] * x[u][j] for u in members for j in range(n_widths)
+                )
+                prob += average <= config.budget - slack[g], f"budget_{g:04d}"
+            for l in top_layers:
+                members = [u for u in range(len(units)) if unit_layer[u] == l]
+                for j in (n_widths - 1, n_widths - 2):
+                    prob += pulp.lpSum(x[u][j] for u in members) >= 1, f"top_width_{l:04d}_{j:02d}"
+            prob.solve(pulp.PULP_CBC_CMD(msg=False, threads=1))
         status = pulp.LpStatus[prob.status]
         if status != "Optimal":
             raise MoeCompressError(f"bit allocation solver ended with status {status!r}; check the budget and inputs")
         choice = [_chosen(x[u], u) for u in range(len(units))]
 
-        # CBC accepts small constraint violations; check the budget exactly and re-solve if needed.
+        # CBC accepts constraint violations within its tolerance; check the budget exactly, re-solve if over.
         overshoot = False
-        for g, layers in enumerate(groups):
-            members = [u for u in range(len(units)) if unit_layer[u] in layers]
-            group_params = sum(unit_params[u] for u in members)
-            used = sum(unit_params[u] * eff[choice[u]] for u in members) / group_params
+        for g, members in enumerate(groups):
+            used = sum(unit_params[u] * eff[choice[u]] for u in members) / sum(unit_params[u] for u in members)
             if used > config.budget + BUDGET_TOL:
                 slack[g] += 2 * (used - config.budget)
                 overshoot = True

@@ -116,7 +116,8 @@ def gptq_quantize(
     contiguous in the ORIGINAL column order as the packed format needs); otherwise each group's
     qparams come from the error-updated columns when the solver enters the group.
 
-    Returns the result (codes/scales/zeros in original column order) and GPTQ's loss estimate
+    Runs in float32 on ``h``'s device whatever ``w``'s dtype. Returns the result (codes, scales,
+    zeros in original column order, on ``h``'s device) and GPTQ's loss estimate
     ``sum_j (w_j - q_j)^2 / [U]_jj^2 / 2`` (U the inverse Cholesky factor).
     """
     if w.dim() != 2:
@@ -126,7 +127,7 @@ def gptq_quantize(
     check_finite_weight(w)
     g = spec.resolved_group(k)
     if act_order and not static_groups and g != k:
-        raise MoeCompressError("act_order with groups needs static_groups=True (groups must stay contiguous)")
+        raise MoeCompressError("act_order with groups needs static_groups=True (groups must stay contiguous); or use per-channel")
     if block_size < 1:
         raise MoeCompressError(f"block_size must be a positive number of columns, got {block_size}")
     h = _prepare_hessian(h, k)

@@ -1,0 +1,342 @@
+"""M-SMoE expert merging (UNITES-Lab/MC-SMoE) as plain tensor functions.
+
+Shape legend: E experts in a layer, E' groups (merged experts), m members of one group, L layers,
+I intermediate size, H hidden size.
+
+Pipeline for one layer: :func:`group_experts` (dominant experts by usage frequency, the rest join
+their most router-similar dominant) -> :func:`merge_group` per group (align every member's neurons to
+the dominant with :func:`align_permutation`, then frequency-weighted average) -> router rows for a
+standard E'-expert checkpoint (:func:`merged_router_rows`) or the exact expert -> group map
+(:func:`expert_to_group`). Per-layer group counts come from one global frequency threshold
+(:func:`group_counts_from_threshold`, :func:`threshold_for_total_groups`, :func:`global_group_counts`).
+
+Deviations from the reference code (each documented where it happens): ties are broken by the lower
+expert id everywhere (the reference uses unstable ``argsort``); a group whose members all have
+frequency 0 is averaged with equal weights (the reference divides by ``sum f + eps`` and zeroes it);
+alignment is run before averaging for GLU experts too (the Mixtral script merges unaligned).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import torch
+from scipy.optimize import linear_sum_assignment
+
+from moecompress.errors import MoeCompressError
+
+ROUTER_MODES = ("dominant", "weighted", "logsumexp_approx")
+
+
+# ----------------------------------------------------------------------------- permutation alignment
+
+
+def align_permutation(
+    ref_gate: torch.Tensor | None,
+    ref_up: torch.Tensor,
+    ref_down: torch.Tensor,
+    gate: torch.Tensor | None,
+    up: torch.Tensor,
+    down: torch.Tensor,
+) -> torch.Tensor:
+    """The neuron permutation ``perm [I]`` (long) that best matches a target expert to a reference.
+
+    Per expert: gate/up ``[I, H]`` (gate may be None for both), down ``[H, I]``. ``perm[i]`` is the
+    target neuron placed at position i, so ``apply_permutation(gate, up, down, perm)`` lines the
+    target up with the reference. Weight matching as in MC-SMoE ``permutation.py``: maximise
+    ``sum_i <v_ref_i, v_tgt_perm[i]>`` over permutations, where ``v`` concatenates a neuron's gate row,
+    up row and down column — equivalently, minimise the squared L2 distance between the experts
+    after permutation. Solved exactly with ``scipy.optimize.linear_sum_assignment``.
+    """
+    if (ref_gate is None) != (gate is None):
+        raise MoeCompressError("align_permutation needs a gate for both experts or for neither")
+    if ref_up.shape != up.shape or ref_down.shape != down.shape:
+        raise MoeCompressError(
+            f"experts differ in shape: up {tuple(ref_up.shape)} vs {tuple(up.shape)}, "
+            f"down {tuple(ref_down.shape)} vs {tuple(down.shape)}"
+        )
+    ref_up, ref_down, up, down = (w.to(torch.float32) for w in (ref_up, ref_down, up, down))
+    cost = ref_up @ up.T  # [I, I]: <up_ref_i, up_tgt_j>
+    cost += ref_down.T @ down  # <down_ref[:, i], down_tgt[:, j]>
+    if gate is not None:
+        cost += ref_gate.to(torch.float32) @ gate.to(torch.float32).T
+    _, cols = linear_sum_assignment(cost.cpu().double().numpy(), maximize=True)
+    return torch.as_tensor(cols, dtype=torch.long, device=up.device)
+
+
+def apply_permutation(
+    gate: torch.Tensor | None, up: torch.Tensor, down: torch.Tensor, perm: torch.Tensor
+) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """Reorder an expert's neurons: rows of gate/up ``[I, H]``, columns of down ``[H, I]``.
+
+    The expert computes the same function afterwards (its output is a sum over neurons).
+    """
+    perm = perm.to(device=up.device, dtype=torch.long)
+    if perm.shape != (up.shape[0],) or not torch.equal(perm.sort().values, torch.arange(up.shape[0], device=up.device)):
+        raise MoeCompressError(f"perm must be a permutation of range({up.shape[0]})")
+    return (None if gate is None else gate[perm], up[perm], down[:, perm])
+
+
+# ----------------------------------------------------------------------------- grouping
+
+
+def group_experts(
+    freq: torch.Tensor, router_sim: torch.Tensor, num_groups: int, protected: Iterable[int] = ()
+) -> list[list[int]]:
+    """M-SMoE grouping of one layer's E experts into ``num_groups`` groups.
+
+    freq: ``[E]`` usage frequency; router_sim: ``[E, E]`` similarity between experts' router-logit
+    columns (cosine, or MC-SMoE's ``(cos + 1) / 2`` — only the order matters). Dominant experts are
+    the protected ones (singleton groups: they never absorb others and are never absorbed) plus the
+    ``num_groups - len(protected)`` most frequent others (ties to the lower id). Every remaining
+    expert joins the non-protected dominant expert it is most similar to (ties to the lower id).
+    Returns groups sorted by their dominant expert's id, each ``[dominant, *others ascending]`` — the
+    first member is the dominant one (:func:`merge_group` aligns to it).
+    """
+    freq = torch.as_tensor(freq).to(torch.float64)
+    num_experts = freq.shape[0]
+    if freq.ndim != 1 or not torch.isfinite(freq).all():
+        raise MoeCompressError(f"freq must be a finite 1-D tensor [E]; got shape {tuple(freq.shape)}")
+    if router_sim.shape != (num_experts, num_experts):
+        raise MoeCompressError(
+            f"router_sim must be [E, E] = {(num_experts, num_experts)}; got {tuple(router_sim.shape)}"
+        )
+    protected_ids = {int(e) for e in protected}
+    if any(not 0 <= e < num_experts for e in protected_ids):
+        raise MoeCompressError(f"protected expert ids {sorted(protected_ids)} are outside [0, {num_experts})")
+    if not len(protected_ids) <= num_groups <= num_experts:
+        raise MoeCompressError(
+            f"num_groups={num_groups} must lie in [{len(protected_ids)} protected, {num_experts} experts]"
+        )
+    free = [e for e in range(num_experts) if e not in protected_ids]
+    free_dominants = sorted(free, key=lambda e: (-float(freq[e]), e))[: num_groups - len(protected_ids)]
+    if free and not free_dominants:
+        raise MoeCompressError(
+            f"num_groups={num_groups} leaves no group for the {len(free)} unprotected experts; "
+            "raise num_groups above the number of protected experts"
+        )
+    groups: dict[int, list[int]] = {e: [e] for e in sorted(protected_ids) + free_dominants}
+    dominant_set = set(groups)
+    sim = router_sim.to(torch.float64)
+    ordered_dominants = sorted(free_dominants)  # ascending ids: argmax ties go to the lower id
+    dominant_index = torch.as_tensor(ordered_dominants, dtype=torch.long, device=sim.device)
+    for e in free:
+        if e in dominant_set:
+            continue
+        row = sim[e].index_select(0, dominant_index)
+        if not torch.isfinite(row).all():
+            raise MoeCompressError(f"router similarity of expert {e} is not finite; recollect router statistics")
+        groups[ordered_dominants[int(row.argmax())]].append(e)
+    return [[d] + sorted(groups[d][1:]) for d in sorted(groups)]
+
+
+def expert_to_group(groups: Sequence[Sequence[int]], num_experts: int) -> torch.Tensor:
+    """The exact map ``[E]`` long: expert id -> index of its group in ``groups``.
+
+    With it a router keeps all E rows and the routing weights of selected experts that fall in the
+    same group are summed (MC-SMoE's shared-module semantics, exact).
+    """
+    mapping = torch.full((num_experts,), -1, dtype=torch.long)
+    for g, members in enumerate(groups):
+        for e in members:
+            if not 0 <= e < num_experts:
+                raise MoeCompressError(f"group {g} holds expert {e}, outside [0, {num_experts})")
+            if mapping[e] >= 0:
+                raise MoeCompressError(f"expert {e} is in two groups ({int(mapping[e])} and {g})")
+            mapping[e] = g
+    missing = (mapping < 0).nonzero().flatten().tolist()
+    if missing:
+        raise MoeCompressError(f"experts {missing} are in no group; groups must cover every expert once")
+    return mapping
+
+
+# ----------------------------------------------------------------------------- global group counts
+
+
+def normalised_layer_frequencies(freqs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """MC-SMoE's per-layer frequencies for the global threshold: each layer's counts ``[E]`` divided by
+    their sum, then the layer's most used expert forced to 1.0 so every layer keeps >= 1 group.
+    The most used expert is the lowest id among ties."""
+    out = []
+    for layer, f in enumerate(freqs):
+        f = torch.as_tensor(f).to(torch.float64).flatten()
+        if not torch.isfinite(f).all() or (f < 0).any():
+            raise MoeCompressError(f"layer {layer}: frequencies must be finite and non-negative")
+        total = f.sum()
+        if total <= 0:
+            raise MoeCompressError(f"layer {layer}: no expert was ever selected; calibrate on more tokens")
+        f = f / total
+        f[int(f.argmax())] = 1.0  # argmax returns the first maximum
+        out.append(f)
+    return out
+
+
+def group_counts_from_threshold(freqs: Sequence[torch.Tensor], threshold: float) -> list[int]:
+    """Groups per layer: the number of experts whose normalised frequency exceeds ``threshold``.
+
+    freqs: L tensors ``[E_l]`` (counts or frequencies; see :func:`normalised_layer_frequencies`).
+    A threshold below 1.0 guarantees every layer at least one group.
+    """
+    if threshold >= 1.0:
+        raise MoeCompressError(f"threshold={threshold} leaves some layer without a group; use a value below 1.0")
+    return [int((f > threshold).sum()) for f in normalised_layer_frequencies(freqs)]
+
+
+def threshold_for_total_groups(freqs: Sequence[torch.Tensor], total_groups: int) -> float:
+    """The global threshold for about ``total_groups`` groups over all layers (MC-SMoE's rule).
+
+    The threshold is the ``(total_groups + 1)``-th largest normalised frequency over all layers, so
+    exactly ``total_groups`` frequencies lie above it when there are no ties at the threshold (ties
+    give fewer groups). Asking for every expert returns -1.0 (everything stays).
+    """
+    norm = normalised_layer_frequencies(freqs)
+    all_freq = torch.sort(torch.cat(norm), descending=True).values
+    if not len(norm) <= total_groups <= all_freq.numel():
+        raise MoeCompressError(
+            f"total_groups={total_groups} must lie in [{len(norm)} (one per layer), {all_freq.numel()} experts]"
+        )
+    if total_groups == all_freq.numel():
+        return -1.0
+    return float(all_freq[total_groups])
+
+
+def threshold_for_average_groups(freqs: Sequence[torch.Tensor], average_groups: float) -> float:
+    """:func:`threshold_for_total_groups` for ``round(average_groups * L)`` groups."""
+    return threshold_for_total_groups(freqs, int(round(average_groups * len(freqs))))
+
+
+def global_group_counts(
+    freqs: Sequence[torch.Tensor], *, total_groups: int | None = None, threshold: float | None = None
+) -> list[int]:
+    """Groups per layer ``[L]`` from one global frequency threshold: give ``total_groups`` (the
+    threshold is found with :func:`threshold_for_total_groups`) or the ``threshold`` itself."""
+    if (total_groups is None) == (threshold is None):
+        raise MoeCompressError("give exactly one of total_groups or threshold")
+    if threshold is None:
+        threshold = threshold_for_total_groups(freqs, total_groups)
+    return group_counts_from_threshold(freqs, threshold)
+
+
+# ----------------------------------------------------------------------------- merging
+
+
+def merge_group(
+    gate: torch.Tensor | None, up: torch.Tensor, down: torch.Tensor, freq: torch.Tensor
+) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """Merge m experts into one: align each to the first (dominant), then frequency-weighted average.
+
+    gate/up ``[m, I, H]`` (gate may be None), down ``[m, H, I]``, freq ``[m]`` -> gate/up ``[I, H]``,
+    down ``[H, I]``, ``W = sum_e f_e W_e / sum_e f_e``. Computed as ``W_0 + sum_e (f_e / F)(W_e - W_0)``
+    (same value) so that merging identical experts returns the dominant one bit-exactly. All-zero
+    frequencies use equal weights.
+    """
+    if up.ndim != 3 or down.shape != (up.shape[0], up.shape[2], up.shape[1]):
+        raise MoeCompressError(
+            f"merge_group needs up [m, I, H] and down [m, H, I]; got {tuple(up.shape)}, {tuple(down.shape)}"
+        )
+    if gate is not None and gate.shape != up.shape:
+        raise MoeCompressError(f"gate shape {tuple(gate.shape)} differs from up {tuple(up.shape)}")
+    m = up.shape[0]
+    freq = torch.as_tensor(freq).to(device=up.device, dtype=torch.float32).flatten()
+    if freq.shape[0] != m or not torch.isfinite(freq).all() or (freq < 0).any():
+        raise MoeCompressError(f"freq must hold {m} finite non-negative frequencies, one per member")
+    weights = freq / freq.sum() if freq.sum() > 0 else torch.full_like(freq, 1.0 / m)
+
+    ref = (None if gate is None else gate[0], up[0], down[0])
+    merged = [None if w is None else w.to(torch.float32).clone() for w in ref]
+    for e in range(1, m):
+        member = (None if gate is None else gate[e], up[e], down[e])
+        aligned = apply_permutation(*member, align_permutation(*ref, *member))
+        for acc, base, w in zip(merged, ref, aligned):
+            if acc is not None:
+                acc += weights[e] * (w.to(torch.float32) - base.to(torch.float32))
+    # W_0 + sum_{e>0} (f_e/F)(W_e - W_0) == sum_e (f_e/F) W_e since the weights sum to 1.
+    return tuple(None if acc is None else acc.to(base.dtype) for acc, base in zip(merged, ref))
+
+
+def merge_experts(
+    gate: torch.Tensor | None,
+    up: torch.Tensor,
+    down: torch.Tensor,
+    groups: Sequence[Sequence[int]],
+    freq: torch.Tensor,
+) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """Merge a layer's experts by ``groups`` (first member dominant): gate/up ``[E, I, H]``, down
+    ``[E, H, I]``, freq ``[E]`` -> gate/up ``[E', I, H]``, down ``[E', H, I]`` in group order."""
+    expert_to_group(groups, up.shape[0])  # validates the partition
+    freq = torch.as_tensor(freq)
+    outs = []
+    for members in groups:
+        idx = torch.as_tensor(list(members), dtype=torch.long, device=up.device)
+        outs.append(
+            merge_group(
+                None if gate is None else gate.index_select(0, idx),
+                up.index_select(0, idx),
+                down.index_select(0, idx),
+                freq[idx.cpu()],
+            )
+        )
+    gates, ups, downs = zip(*outs)
+    return (None if gate is None else torch.stack(gates)), torch.stack(ups), torch.stack(downs)
+
+
+# ----------------------------------------------------------------------------- router rows
+
+
+def merged_router_rows(
+    router_weight: torch.Tensor,
+    groups: Sequence[Sequence[int]],
+    freq: torch.Tensor,
+    mode: str = "dominant",
+    router_bias: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Router rows for a standard E'-expert checkpoint (an approximation; the exact alternative is
+    :func:`expert_to_group`). router_weight ``[E, H]``, router_bias ``[E]`` or None, freq ``[E]`` ->
+    (rows ``[E', H]``, bias ``[E']`` or None).
+
+    Modes, for a group g with members e and within-group frequency shares ``p_e = f_e / sum_g f``:
+
+    * ``"dominant"``: the dominant (first) member's row and bias — the group is routed like the
+      expert it was built around.
+    * ``"weighted"``: ``sum_e p_e W_e`` (and bias) — the frequency-weighted average, mirroring how the
+      expert weights were merged.
+    * ``"logsumexp_approx"``: softmax routers give the group the mass ``sum_e exp(l_e)``, i.e. logit
+      ``logsumexp_e l_e(x)``. Gibbs' inequality gives the linear lower bound ``sum_e p_e l_e(x) +
+      H(p)`` (``H(p) = -sum_e p_e log p_e``), tight when the members' posterior equals ``p`` and exact
+      for identical rows (``l + log m``). Rows as in "weighted", bias + ``H(p)``; a bias is returned
+      even when the router has none (without one, this mode equals "weighted"). Meant for softmax
+      routers; for sigmoid routers the offset has no such meaning.
+
+    Zero total frequency in a group uses equal shares.
+    """
+    if mode not in ROUTER_MODES:
+        raise MoeCompressError(f"router mode {mode!r} is not one of {ROUTER_MODES}")
+    num_experts = router_weight.shape[0]
+    expert_to_group(groups, num_experts)  # validates the partition
+    freq = torch.as_tensor(freq).detach().cpu().to(torch.float64).flatten()
+    if freq.shape[0] != num_experts:
+        raise MoeCompressError(f"freq has {freq.shape[0]} entries for {num_experts} router rows")
+    if router_bias is not None and router_bias.shape != (num_experts,):
+        raise MoeCompressError(f"router_bias must be [E] = ({num_experts},); got {tuple(router_bias.shape)}")
+    weight64 = router_weight.detach().cpu().to(torch.float64)
+    bias64 = None if router_bias is None else router_bias.detach().cpu().to(torch.float64)
+    rows, biases = [], []
+    for members in groups:
+        idx = torch.as_tensor(list(members), dtype=torch.long)
+        if mode == "dominant":
+            share = torch.zeros(len(members), dtype=torch.float64)
+            share[0] = 1.0
+        else:
+            share = freq[idx]
+            share = share / share.sum() if share.sum() > 0 else torch.full_like(share, 1.0 / len(members))
+        rows.append(share @ weight64[idx])  # [H]
+        bias = torch.zeros((), dtype=torch.float64) if bias64 is None else share @ bias64[idx]
+        if mode == "logsumexp_approx":
+            positive = share[share > 0]
+            bias = bias - (positive * positive.log()).sum()  # + H(p)
+        biases.append(bias)
+    new_rows = torch.stack(rows).to(device=router_weight.device, dtype=router_weight.dtype)
+    if router_bias is None and mode != "logsumexp_approx":
+        return new_rows, None
+    like = router_weight if router_bias is None else router_bias
+    return new_rows, torch.stack(biases).to(device=like.device, dtype=like.dtype)
