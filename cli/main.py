@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import typer
 from rich.table import Table
@@ -65,7 +66,7 @@ def _register_commands() -> None:
     """Commands living in their own modules register themselves on `app`."""
     import importlib
 
-    for name in ("stats", "quantize", "prune", "pipeline", "demo", "compress_experts"):
+    for name in ("stats", "quantize", "prune", "compress_experts", "lint", "pipeline", "demo"):
         try:
             module = importlib.import_module(f"moecompress.cli.cmd_{name}")
         except ModuleNotFoundError as exc:
@@ -73,12 +74,55 @@ def _register_commands() -> None:
                 continue  # not built yet
             raise
         module.register(app)
+    for info in app.registered_commands:
+        if (info.name or "") in ("quantize", "prune", "merge", "compress-experts", "stats"):
+            info.callback = with_save_pipeline(info.name, info.callback)
+
+
+def with_save_pipeline(command: str, callback):
+    """Add ``--save-pipeline FILE`` to a command: after it succeeds, write the one-pass pipeline it ran."""
+    import functools
+    import inspect
+
+    import yaml
+
+    sig = inspect.signature(callback)
+    option = inspect.Parameter(
+        "save_pipeline",
+        inspect.Parameter.KEYWORD_ONLY,
+        default=typer.Option(None, "--save-pipeline", help="write the pipeline YAML this command ran"),
+        annotation=Optional[Path],
+    )
+
+    @functools.wraps(callback)
+    def wrapper(*args, save_pipeline: Optional[Path] = None, **kwargs):
+        result = callback(*args, **kwargs)
+        if save_pipeline is not None:
+            from moecompress.cli.pipeline import pass_schemas, single_pass_pipeline
+
+            bound = sig.bind_partial(*args, **kwargs).arguments
+            doc = single_pass_pipeline(
+                command, bound, bound.get("model"), bound.get("out", ""), bool(bound.get("overwrite", False)), pass_schemas(app)
+            )
+            Path(save_pipeline).write_text(yaml.safe_dump(doc, sort_keys=False))
+        return result
+
+    params = [p for p in sig.parameters.values()] + [option]
+    wrapper.__signature__ = sig.replace(parameters=params)
+    return wrapper
 
 
 _register_commands()
 
 
 def main() -> None:
+    import signal
+
+    # A terminated run must clean up like Ctrl-C does (staging folders removed, no partial OUT).
+    def _terminate(_signum, _frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _terminate)
     app()
 
 

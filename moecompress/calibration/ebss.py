@@ -44,10 +44,6 @@ __all__ = [
     "find_experts_modules",
 ]
 
-# Samples decoded together: their beams and candidates share one forward per step (S*B*M rows).
-_SAMPLES_PER_BATCH = 4
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Pure tensor math
 # ----------------------------------------------------------------------------------------------------------------
@@ -124,53 +120,49 @@ def _num_experts(module: nn.Module) -> int:
 
 
 class _RoutingRecorder:
-    """Collects, per MoE layer, the per-row expert counts of the latest forward.
+    """Reads, per MoE layer, the expert counts of each token of a forward.
 
-    After a forward over [R, 1] tokens, ``per_row()`` is [R, L, E]; ``totals`` accumulates [L, E] over every
-    forward since the last ``reset_totals()``.
+    Attach it, run one forward, then ``take()`` returns [T, L, E] (T = the forward's flattened tokens; a layer
+    with fewer experts than the widest is zero-padded) and clears it for the next forward.
     """
 
     def __init__(self, model: nn.Module) -> None:
-        self.modules = find_experts_modules(model)
+        self.modules = [m for _, m in find_experts_modules(model)]
         if not self.modules:
             raise CalibrationError(
                 f"{type(model).__name__} has no transformers experts module (@use_experts_implementation); "
                 "EBSS and expert-load statistics need an MoE model loaded with transformers 5.x"
             )
-        self.num_experts = [_num_experts(m) for _, m in self.modules]
+        self.num_experts = [_num_experts(m) for m in self.modules]
         self.width = max(self.num_experts)
         self.latest: list[torch.Tensor | None] = [None] * len(self.modules)
-        self.totals = torch.zeros(len(self.modules), self.width, dtype=torch.float64)
 
     def _hook(self, layer: int):
         def pre_hook(module, args, kwargs):
+            # transformers calls experts(hidden_states, top_k_index, top_k_weights); some families use keywords.
             top_k_index = kwargs["top_k_index"] if "top_k_index" in kwargs else args[1]
             counts = routing_counts(top_k_index, self.num_experts[layer])          # [T, E_l]
-            if self.num_experts[layer] < self.width:                               # ragged layers: pad with 0
-                counts = F.pad(counts, (0, self.width - self.num_experts[layer]))
-            self.latest[layer] = counts
-            self.totals[layer] += counts.sum(0).double().cpu()
+            self.latest[layer] = F.pad(counts, (0, self.width - self.num_experts[layer]))   # [T, E]
             return None
 
         return pre_hook
 
     @contextmanager
     def attached(self):
-        handles = [m.register_forward_pre_hook(self._hook(i), with_kwargs=True) for i, (_, m) in enumerate(self.modules)]
+        handles = [m.register_forward_pre_hook(self._hook(i), with_kwargs=True) for i, m in enumerate(self.modules)]
         try:
             yield self
         finally:
             for handle in handles:
                 handle.remove()
 
-    def per_row(self) -> torch.Tensor:
-        """[R, L, E] counts of the latest forward (rows = flattened tokens of that forward)."""
+    def take(self) -> torch.Tensor:
+        """[T, L, E] float32 CPU counts of the forward just run; clears them."""
         if any(c is None for c in self.latest):
             raise CalibrationError("an MoE layer was not run during the forward; cannot measure expert usage")
-        return torch.stack([c.float().cpu() for c in self.latest], dim=1)
-
-    def reset_totals(self) -> None:
-        self.totals.zero_()
+        counts = torch.stack([c.cpu() for c in self.latest], dim=1)
+        self.latest = [None] * len(self.modules)
+        return counts
 
 
 @contextmanager
@@ -201,14 +193,13 @@ def expert_load_cv(model: nn.Module, input_ids: torch.Tensor, batch_size: int = 
     """
     recorder = _RoutingRecorder(model)
     device = _model_device(model)
+    totals = torch.zeros(len(recorder.modules), recorder.width, dtype=torch.float64)    # [L, E]
     with _eval_no_grad(model), recorder.attached():
         for start in range(0, input_ids.shape[0], batch_size):
             model(input_ids=input_ids[start : start + batch_size].to(device), use_cache=False)
-    # Layers may differ in E (padded with zeros in totals): take each layer's CV over its own experts.
-    layer_cvs = [
-        counts_cv(recorder.totals[i : i + 1, :e]) for i, e in enumerate(recorder.num_experts)
-        if recorder.totals[i].sum() > 0
-    ]
+            totals += recorder.take().sum(0).double()
+    # Each layer's CV over its own experts (layers may differ in E; the padding is not an expert).
+    layer_cvs = [counts_cv(totals[i : i + 1, :e]) for i, e in enumerate(recorder.num_experts) if totals[i].sum() > 0]
     return sum(layer_cvs) / len(layer_cvs) if layer_cvs else 0.0
 
 
@@ -223,6 +214,7 @@ def ebss_generate(
     vocab_exclude: Iterable[int] | None = None,
     progress: Callable[[int, int], None] | None = None,
     vocab_limit: int | None = None,
+    samples_per_batch: int = 4,
 ) -> CalibrationSet:
     """Generate ``nsamples`` sequences of ``seqlen`` tokens by expert-balanced beam search.
 
@@ -230,25 +222,28 @@ def ebss_generate(
     drawn uniformly from the allowed vocabulary with ``torch.Generator().manual_seed(seed)``; the rest is
     deterministic beam search, so the result depends only on (model, arguments). vocab_exclude: token ids
     never emitted (e.g. special tokens); vocab_limit: ids >= this are never emitted (logit padding beyond the
-    tokenizer). progress(done, total) is called after each batch of samples. Returns input_ids [nsamples, seqlen].
+    tokenizer). samples_per_batch samples decode together: one forward per step over samples_per_batch *
+    beam_width * top_m rows, each with its own KV cache (lower it if the cache does not fit). It does not
+    change the result beyond float round-off. progress(done, total) is called after each batch of samples.
+    Returns input_ids [nsamples, seqlen].
     """
-    _check_ebss_args(nsamples, seqlen, beam_width, tau, top_m)
+    _check_ebss_args(nsamples, seqlen, beam_width, tau, top_m, samples_per_batch)
     recorder = _RoutingRecorder(model)
     device = _model_device(model)
     generator = torch.Generator().manual_seed(seed)
 
     with _eval_no_grad(model), recorder.attached():
-        vocab = _probe_vocab_size(model, device)
+        vocab = _probe_vocab_size(model)
         allowed = _allowed_vocab(vocab, vocab_exclude, vocab_limit)                 # [V] bool
         allowed_ids = allowed.nonzero().squeeze(1)
         # All first tokens drawn up front: the samples do not depend on how they are batched.
         first = allowed_ids[torch.randint(len(allowed_ids), (nsamples,), generator=generator)]   # [n]
         rows = []
-        for start in range(0, nsamples, _SAMPLES_PER_BATCH):
-            batch_first = first[start : start + _SAMPLES_PER_BATCH]
+        for start in range(0, nsamples, samples_per_batch):
+            batch_first = first[start : start + samples_per_batch]
             rows.append(_beam_search(model, recorder, batch_first, seqlen, beam_width, tau, top_m, allowed, device))
             if progress is not None:
-                progress(min(start + _SAMPLES_PER_BATCH, nsamples), nsamples)
+                progress(min(start + samples_per_batch, nsamples), nsamples)
     input_ids = torch.cat(rows).cpu()
     return CalibrationSet(
         input_ids=input_ids,
@@ -262,18 +257,20 @@ def ebss_generate(
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _check_ebss_args(nsamples: int, seqlen: int, beam_width: int, tau: float, top_m: int) -> None:
+def _check_ebss_args(nsamples: int, seqlen: int, beam_width: int, tau: float, top_m: int, per_batch: int) -> None:
     if nsamples < 1:
         raise CalibrationError(f"nsamples must be at least 1, got {nsamples}")
     if seqlen < 2:
         raise CalibrationError(f"seqlen must be at least 2, got {seqlen}")
-    if beam_width < 1 or top_m < 1:
-        raise CalibrationError(f"EBSS beam_width and top_m must be at least 1, got {beam_width} and {top_m}")
+    if beam_width < 1 or top_m < 1 or per_batch < 1:
+        raise CalibrationError(
+            f"EBSS beam_width, top_m and samples_per_batch must be at least 1, got {beam_width}, {top_m}, {per_batch}"
+        )
     if not tau > 0:
         raise CalibrationError(f"EBSS balance temperature tau must be positive, got {tau}")
 
 
-def _probe_vocab_size(model: nn.Module, device: torch.device) -> int:
+def _probe_vocab_size(model: nn.Module) -> int:
     """The logits width V, from the output embedding (falls back to config.vocab_size)."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if head is not None and getattr(head, "weight", None) is not None:
@@ -298,7 +295,7 @@ def _decode_step(model: nn.Module, recorder: _RoutingRecorder, ids: torch.Tensor
     """One cached forward over ids [R, 1]. Returns (log-probs [R, V] float32, usage [R, L, E], cache)."""
     out = model(input_ids=ids, past_key_values=cache, use_cache=True)
     logprobs = torch.log_softmax(out.logits[:, -1, :].float(), dim=-1)
-    return logprobs, recorder.per_row(), out.past_key_values
+    return logprobs, recorder.take(), out.past_key_values
 
 
 def _beam_search(
@@ -314,6 +311,7 @@ def _beam_search(
 ) -> torch.Tensor:
     """EBSS for S samples at once. first: [S] first tokens. Returns the best beam per sample, [S, seqlen]."""
     num_samples = first.shape[0]
+    top_m = min(top_m, int(allowed.sum()))  # never expand into excluded tokens
     logprobs, usage, cache = _decode_step(model, recorder, first.view(-1, 1).to(device), None)
     not_allowed = ~allowed.to(logprobs.device)
     tokens = first.view(num_samples, 1, 1)                                  # [S, B=1, 1]
@@ -334,8 +332,6 @@ def _beam_search(
         cand_rs = cum_logp.reshape(-1, 1) + cand_logp.cpu()                  # [S*B, M]
         score = -cand_rs / (step + 1) + balance_sigma(cand_usage) / tau      # [S*B, M]
         score = score.view(num_samples, beams * top_m)                       # [S, B*M]
-        # -inf log-probs (fewer than M allowed tokens) must never win.
-        score = torch.nan_to_num(score, nan=float("inf"), posinf=float("inf"))
         keep = min(beam_width, beams * top_m)
         chosen = score.topk(keep, dim=-1, largest=False).indices             # [S, B'] ascending score
         flat = (chosen + torch.arange(num_samples).view(-1, 1) * beams * top_m).reshape(-1)   # [S*B']

@@ -62,7 +62,14 @@ class _Document:
 
 
 def builtin_data_dir() -> Path:
-    """Directory holding the built-in JSONL sets (source tree / editable install layout)."""
+    """Directory holding the built-in JSONL sets.
+
+    ``moecompress/calibration/data/`` when a wheel ships them inside the package, else the repository's
+    ``calibration_data/`` (source checkout or editable install).
+    """
+    packaged = Path(__file__).resolve().parent / "data"
+    if packaged.is_dir():
+        return packaged
     return Path(__file__).resolve().parents[2] / "calibration_data"
 
 
@@ -94,7 +101,9 @@ def load_calibration(
     if source == _SELF:
         return _load_self(tokenizer, nsamples, seqlen, seed, model)
     if tokenizer is None:
-        raise CalibrationError(f"calibration source '{source}' is text and needs a tokenizer; pass the model's tokenizer")
+        raise CalibrationError(
+            f"calibration source '{source}' is text and needs a tokenizer; pass the model's tokenizer"
+        )
     if source == _MIXED:
         by_domain: dict[str, list[_Document]] = {}
         for name in _BUILTIN_SETS:
