@@ -214,7 +214,7 @@ def dense_tiled_kernel(
 # ----------------------------------------------------------------------------------------------
 @triton.jit
 def _moe_rows(
-    pid_m, sorted_ids_ptr, block_expert_ptr, num_post_ptr, topk_ids_ptr, local_of_ptr, num_slots,
+    pid_m, sorted_ids_ptr, block_expert_ptr, num_post_ptr, topk_ids_ptr, local_of_ptr, num_experts, num_slots,
     BLOCK_M: tl.constexpr, DECODE: tl.constexpr,
 ):
     """Which (token, slot) rows this program serves and their local expert.
@@ -227,7 +227,8 @@ def _moe_rows(
     if DECODE:
         slots = pid_m + tl.arange(0, BLOCK_M)
         expert = tl.load(topk_ids_ptr + pid_m).to(tl.int64)
-        local_e = tl.load(local_of_ptr + expert).to(tl.int64)
+        in_range = (expert >= 0) & (expert < num_experts)  # out-of-range ids: another rank's experts
+        local_e = tl.load(local_of_ptr + expert, mask=in_range, other=-1).to(tl.int64)
     else:
         num_post = tl.load(num_post_ptr)
         slots = tl.load(sorted_ids_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
@@ -240,7 +241,7 @@ def _moe_rows(
 @triton.jit
 def moe_gate_up_kernel(
     x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, group_eids_ptr, inter_ptr,
-    sorted_ids_ptr, block_expert_ptr, num_post_ptr, topk_ids_ptr, local_of_ptr,
+    sorted_ids_ptr, block_expert_ptr, num_post_ptr, topk_ids_ptr, local_of_ptr, num_experts,
     num_slots, top_k, H, I, group_size, stride_xm, stride_qe, stride_se, stride_bias_e, alpha, limit,
     BITS: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr, GATED: tl.constexpr,
     ACT: tl.constexpr, DECODE: tl.constexpr,
@@ -256,7 +257,7 @@ def moe_gate_up_kernel(
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     slots, mask_m, local_e = _moe_rows(
-        pid_m, sorted_ids_ptr, block_expert_ptr, num_post_ptr, topk_ids_ptr, local_of_ptr, num_slots,
+        pid_m, sorted_ids_ptr, block_expert_ptr, num_post_ptr, topk_ids_ptr, local_of_ptr, num_experts, num_slots,
         BLOCK_M, DECODE,
     )
     if local_e < 0:
@@ -297,7 +298,7 @@ def moe_gate_up_kernel(
 @triton.jit
 def moe_down_kernel(
     inter_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, group_eids_ptr, topk_weights_ptr, out_ptr,
-    sorted_ids_ptr, block_expert_ptr, num_post_ptr, topk_ids_ptr, local_of_ptr,
+    sorted_ids_ptr, block_expert_ptr, num_post_ptr, topk_ids_ptr, local_of_ptr, num_experts,
     num_slots, H, I, group_size, stride_qe, stride_se, stride_bias_e,
     BITS: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr, DECODE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -312,7 +313,7 @@ def moe_down_kernel(
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     slots, mask_m, local_e = _moe_rows(
-        pid_m, sorted_ids_ptr, block_expert_ptr, num_post_ptr, topk_ids_ptr, local_of_ptr, num_slots,
+        pid_m, sorted_ids_ptr, block_expert_ptr, num_post_ptr, topk_ids_ptr, local_of_ptr, num_experts, num_slots,
         BLOCK_M, DECODE,
     )
     if local_e < 0:

@@ -121,7 +121,7 @@ class PackedExperts(nn.Module):
         return groups
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
-        from moecompress.kernels.moe_gemm import moe_experts_forward_reference as moe_experts_dispatch  # TODO: dispatch
+        from moecompress.kernels import moe_experts_dispatch
 
         x = hidden_states
         out = torch.zeros(x.shape[0], self.spec.hidden_size, dtype=torch.float32, device=x.device)
@@ -202,7 +202,7 @@ class PackedLinear(nn.Module):
         return m
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from moecompress.kernels.dequant_gemm import dequant_gemm_reference as dequant_gemm_dispatch  # TODO: dispatch
+        from moecompress.kernels import dequant_gemm_dispatch
 
         shape = x.shape
         y = dequant_gemm_dispatch(
