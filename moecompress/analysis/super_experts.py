@@ -126,8 +126,16 @@ def detect_super_experts(
     ratio: float = 0.1,
     layer_fraction: float = 0.75,
     shared_output_max: Mapping[int, torch.Tensor | float] | None = None,
+    median_factor: float = 10.0,
 ) -> list[SuperExpert]:
     """Super experts, largest first.
+
+    Deviation from the reference criterion (documented in the README): a super expert must also
+    exceed ``median_factor`` times the pool's median. The reference thresholds (P99.5 and max/10)
+    were designed for pools of thousands of experts; in a small pool (< 200 values) P99.5 is the
+    maximum itself and the largest ordinary expert would always be flagged. Real super experts are
+    orders of magnitude above the median, so a factor of 10 keeps them and drops that artefact;
+    ``median_factor=0`` restores the reference behaviour.
 
     ``output_max``: decoder layer index -> ``[E]`` per-expert max |down_proj output| over calibration
     (only MoE layers need be present). ``num_layers``: decoder layers in the model (sets the cutoff).
@@ -137,9 +145,10 @@ def detect_super_experts(
     cutoff = layer_cutoff(num_layers, layer_fraction)
     entries = _pooled_entries(output_max, shared_output_max, cutoff)
     limits = _thresholds(entries, cutoff, percentile, ratio)
+    median = float(torch.tensor([v for _l, _e, v in entries], dtype=torch.float64).median()) if entries else 0.0
     found = [
         SuperExpert(layer, expert, value)
         for layer, expert, value in entries
-        if value > limits.percentile_value and value > limits.ratio_value
+        if value > limits.percentile_value and value > limits.ratio_value and value > median_factor * median
     ]
     return sorted(found, key=lambda s: -s.max_abs)  # stable sort: ties keep the pooled order
