@@ -72,12 +72,17 @@ class CheckpointIndex:
         return self._handles[file]
 
     def get(self, key: str) -> torch.Tensor:
+        """A tensor copied out of the file: nothing keeps the memory map (and its pages) alive."""
         try:
-            return self._handle(self.key_to_file[key]).get_tensor(key)
+            return self._handle(self.key_to_file[key]).get_tensor(key).clone()
         except MoeCompressError:
             raise
         except Exception as exc:
             raise MoeCompressError(f"cannot read tensor {key} from {self.key_to_file[key]}: {exc}") from exc
+
+    def close(self) -> None:
+        """Drop the open file handles (and their memory maps) between layers."""
+        self._handles.clear()
 
     def total_bytes(self) -> int:
         return sum(f.stat().st_size for f in set(self.key_to_file.values()))
@@ -136,11 +141,23 @@ class LayerwiseModel:
     @torch.no_grad()
     def _load_keys(self, keys: list[str]) -> set[str]:
         """Load checkpoint tensors into the (materialised) skeleton; return the parameter names filled."""
-        state = {k: self.checkpoint.get(k) for k in keys}
+        try:
+            state = {k: self.checkpoint.get(k) for k in keys}
+        finally:
+            # Pages of a memory-mapped shard count in RSS for as long as the map is open: close it
+            # so peak memory stays about one layer, not the whole checkpoint read so far.
+            self.checkpoint.close()
         cfg = LoadStateDictConfig(weight_mapping=self._mapping, dtype=self.dtype)
         info, _ = convert_and_load_state_dict_in_model(self.model, state, cfg)
+        del state
         if info.conversion_errors:
             raise MoeCompressError(f"cannot convert checkpoint tensors: {info.conversion_errors}")
+        if info.mismatched_keys:
+            name, got, want = sorted(info.mismatched_keys, key=str)[0]
+            raise MoeCompressError(
+                f"checkpoint {self.folder}: {name} has shape {tuple(got)} but the model expects {tuple(want)}; "
+                "the checkpoint is incomplete or from another configuration"
+            )
         return info.missing_keys
 
     def _materialize(self, module: nn.Module) -> None:

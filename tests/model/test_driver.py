@@ -1,0 +1,194 @@
+"""run_layerwise: equals a full forward, holds one layer at a time, propagates what passes change."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from moecompress.model.driver import LayerContext, batches_of, capture_layer_inputs, run_layerwise
+from moecompress.model.loading import LayerwiseModel
+from moecompress.model.tiny import TINY_CONFIGS, save_tiny_model
+
+FAMILIES = list(TINY_CONFIGS)
+TOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """(family, sharded) -> checkpoint folder, each written once per module."""
+    cache: dict = {}
+
+    def get(family: str, sharded: bool = False):
+        if (family, sharded) not in cache:
+            folder = tmp_path_factory.mktemp(f"drv_{family}_{'sharded' if sharded else 'single'}")
+            save_tiny_model(family, folder, seed=0, max_shard_size="50KB" if sharded else None)
+            cache[family, sharded] = folder
+        return cache[family, sharded]
+
+    return get
+
+
+def _ids(n: int = 5, length: int = 12) -> torch.Tensor:
+    return torch.randint(3, 256, (n, length), generator=torch.Generator().manual_seed(0))
+
+
+def _reference(folder) -> torch.nn.Module:
+    return AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+
+
+def _devices(module: torch.nn.Module) -> set[str]:
+    return {p.device.type for p in module.parameters()}
+
+
+class _Recorder:
+    """A LayerPass that checks, while layer i is processed, where every decoder layer's weights are."""
+
+    def __init__(self, lm: LayerwiseModel, reference_inputs: list[torch.Tensor] | None = None):
+        self.lm, self.reference_inputs = lm, reference_inputs
+        self.seen: list[int] = []
+        self.processed: list[int] = []
+
+    def attach(self, ctx: LayerContext) -> list:
+        for j, layer in enumerate(self.lm.layers):
+            want = {"cpu"} if j == ctx.index else {"meta"}
+            assert _devices(layer) == want, f"while processing layer {ctx.index}, layer {j} is on {_devices(layer)}"
+        assert ctx.layer is self.lm.layers[ctx.index]
+        assert (ctx.block is None) == (ctx.index not in self.lm.view.moe_layers)
+        if self.reference_inputs is not None:
+            got = torch.cat(ctx.inputs)
+            assert (got - self.reference_inputs[ctx.index]).abs().max() < TOL
+        self.seen.append(ctx.index)
+        return []
+
+    def process(self, ctx: LayerContext) -> bool:
+        self.processed.append(ctx.index)
+        return False
+
+
+@pytest.mark.parametrize("sharded", [False, True], ids=["single", "sharded"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_layerwise_equals_a_full_forward(saved, family, sharded):
+    folder = saved(family, sharded)
+    assert (folder / "model.safetensors.index.json").exists() == sharded
+    ids = _ids()
+    ref_model = _reference(folder)
+    with torch.no_grad():
+        ref = ref_model(input_ids=ids, output_hidden_states=True)
+    lm = LayerwiseModel(folder)
+    # hidden_states[i] is the input of decoder layer i (the last entry is after the final norm).
+    recorder = _Recorder(lm, reference_inputs=list(ref.hidden_states[:-1]))
+    result = run_layerwise(lm, ids, passes=[recorder], batch_size=2, compute_logits=True)
+    assert recorder.seen == recorder.processed == [0, 1, 2]
+    assert [h.shape[0] for h in result.hidden] == [2, 2, 1]
+    logits = torch.cat(result.logits)
+    assert logits.shape == ref.logits.shape
+    assert (logits - ref.logits).abs().max() < TOL
+    # The driver's hidden states are taken before the final norm.
+    final = torch.cat(result.hidden)
+    assert (ref_model.model.norm(final) - ref.hidden_states[-1]).abs().max() < TOL
+    assert (final - ref.hidden_states[-1]).abs().max() > 1e-2
+    assert _devices(lm.model) == {"meta"}  # everything released at the end
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_only_the_processed_layer_is_materialised(saved, family):
+    lm = LayerwiseModel(saved(family))
+    recorder = _Recorder(lm)
+    embed = lm.model.get_input_embeddings()
+
+    class _OuterReleased:
+        def attach(self, ctx):
+            # Without compute_logits the embeddings and head are released before the first layer.
+            assert _devices(embed) == {"meta"}
+            assert _devices(lm.model.get_output_embeddings()) == {"meta"}
+            return []
+
+        def process(self, ctx):
+            return False
+
+    result = run_layerwise(lm, _ids(3), passes=[recorder, _OuterReleased()])
+    assert recorder.seen == [0, 1, 2]
+    assert result.logits is None
+    assert _devices(lm.model) == {"meta"}
+
+
+class _ZeroDownOfOneExpert:
+    """A pass that changes layer `index` (expert 0's down projection := 0) and says so."""
+
+    def __init__(self, index: int):
+        self.index = index
+        self.hooked_tokens = 0
+
+    def attach(self, ctx):
+        if ctx.index != self.index:
+            return []
+
+        def count(module, args):
+            self.hooked_tokens += args[0].shape[0]
+
+        return [ctx.block.experts.module.register_forward_pre_hook(count)]
+
+    def process(self, ctx) -> bool:
+        if ctx.index != self.index:
+            return False
+        ex = ctx.block.experts
+        ex.set(0, "down", torch.zeros_like(ex.get(0, "down")))
+        if ex.has_bias:
+            ex.set_bias(0, "down", torch.zeros_like(ex.get_bias(0, "down")))
+        return True
+
+
+@pytest.mark.parametrize("family", ["mixtral", "gpt_oss", "deepseek_v3"])
+def test_changes_made_by_a_pass_reach_the_next_layers(saved, family):
+    folder = saved(family)
+    ids = _ids(4)
+    lm = LayerwiseModel(folder)
+    layer = lm.view.moe_layers[0]
+    zero = _ZeroDownOfOneExpert(layer)
+    done, progress = [], []
+
+    def on_done(ctx):
+        # outputs handed on are those of the changed layer (re-run after process)
+        assert ctx.outputs is not None and len(ctx.outputs) == 2
+        done.append((ctx.index, [o.clone() for o in ctx.outputs]))
+
+    result = run_layerwise(
+        lm, ids, passes=[zero], batch_size=2, compute_logits=True, on_layer_done=on_done, progress=lambda i, n: progress.append((i, n))
+    )
+    assert [i for i, _ in done] == [0, 1, 2]
+    assert progress == [(1, 3), (2, 3), (3, 3)]
+    assert zero.hooked_tokens == ids.numel()  # hooks saw every calibration token once (then removed)
+
+    ref_model = _reference(folder)
+    experts = ref_model.model.layers[layer].mlp.experts
+    with torch.no_grad():
+        unchanged = ref_model(input_ids=ids).logits
+        experts.down_proj[0].zero_()
+        if getattr(experts, "down_proj_bias", None) is not None:
+            experts.down_proj_bias[0].zero_()
+        changed = ref_model(input_ids=ids, output_hidden_states=True)
+    logits = torch.cat(result.logits)
+    assert (logits - changed.logits).abs().max() < TOL
+    assert (logits - unchanged).abs().max() > 1e-3  # the change mattered
+    # layer `layer`'s handed-on outputs are the changed model's inputs of the next layer
+    assert (torch.cat(done[layer][1]) - changed.hidden_states[layer + 1]).abs().max() < TOL
+
+
+def test_capture_layer_inputs_restores_the_layers(saved):
+    lm = LayerwiseModel(saved("qwen3_moe"))
+    originals = list(lm.layers)
+    lm.load_outer()
+    batches = batches_of(_ids(3), 2)
+    hidden, kwargs = capture_layer_inputs(lm, batches)
+    assert list(lm.layers) == originals
+    assert [h.shape for h in hidden] == [(2, 12, 64), (1, 12, 64)]
+    assert len(kwargs) == 3 and all(len(k) == 2 for k in kwargs)
+    assert "position_embeddings" in kwargs[0][0]
+
+
+def test_batches_of_splits_without_dropping_rows():
+    ids = _ids(5)
+    parts = batches_of(ids, 2)
+    assert [p.shape[0] for p in parts] == [2, 2, 1]
+    assert torch.equal(torch.cat(parts), ids)
