@@ -322,6 +322,20 @@ def _call_pass(schema: PassSchema, fields: dict, model: str, out: Path | None, e
     func(**kwargs)
 
 
+class _quiet_console:
+    """Silence a pass command's own console lines (paths inside the staging folder mean nothing
+    to the user); the pipeline prints its own progress and copies each pass's report."""
+
+    def __enter__(self):
+        from moecompress.cli.common import console
+
+        self.console, self.was = console, console.quiet
+        console.quiet = True
+
+    def __exit__(self, *exc):
+        self.console.quiet = self.was
+
+
 def run_pipeline(p: Pipeline, schemas: dict[str, PassSchema], dry_run: bool = False, echo=print) -> dict:
     """Run every pass; returns a summary (also written to OUT/report.md)."""
     from moecompress.evaluate import evaluate
@@ -354,7 +368,8 @@ def run_pipeline(p: Pipeline, schemas: dict[str, PassSchema], dry_run: bool = Fa
                 extra["stats"] = Path(stats_dir)
             echo(f"[{i}/{len(p.passes)}] {step.name}")
             t0 = time.time()
-            _call_pass(schema, step.fields, current, target, extra)
+            with _quiet_console():
+                _call_pass(schema, step.fields, current, target, extra)
             records.append(StepRecord(step.name, time.time() - t0, str(target), _folder_bytes(target)))
             if step.name == "stats":
                 stats_dir = target
@@ -365,11 +380,14 @@ def run_pipeline(p: Pipeline, schemas: dict[str, PassSchema], dry_run: bool = Fa
         final = Path(current)
         model_dir = stage.path / "model"
         shutil.move(str(final), model_dir)
-        for r in records:  # keep each pass's own report beside the model
-            rep = Path(r.output) / "report.md"
-            if rep.exists():
-                (stage.path / "reports").mkdir(exist_ok=True)
-                shutil.copy2(rep, stage.path / "reports" / f"{Path(r.output).name}.md")
+        for r in records:  # keep each pass's own report (and its figures) beside the model
+            src = Path(r.output)
+            files = [f for f in src.glob("*") if f.suffix in (".md", ".png", ".json") and f.name not in ("config.json", "generation_config.json", "tokenizer_config.json", "model.safetensors.index.json", "tokenizer.json", "special_tokens_map.json")]
+            if files:
+                dest = stage.path / "reports" / src.name
+                dest.mkdir(parents=True, exist_ok=True)
+                for f in files:
+                    shutil.copy2(f, dest / f.name)
         for item in model_dir.iterdir():
             shutil.move(str(item), stage.path / item.name)
         model_dir.rmdir()
@@ -402,7 +420,7 @@ def write_pipeline_report(path: Path, p: Pipeline, summary: dict) -> None:
              f"- **size**: {summary['input_bytes'] / 2**20:.2f} MiB -> {summary['output_bytes'] / 2**20:.2f} MiB", f"- **time**: {summary['seconds']} s", "",
              "## Passes", "", "| # | pass | fields | seconds | output size (MiB) | report |", "|---|---|---|---|---|---|"]
     for i, (step, rec) in enumerate(zip(p.passes, summary["passes"]), 1):
-        lines.append(f"| {i} | {step.name} | `{json.dumps(step.fields)}` | {rec['seconds']:.1f} | {rec['output_bytes'] / 2**20:.2f} | `reports/step{i}_{step.name}.md` |")
+        lines.append(f"| {i} | {step.name} | `{json.dumps(step.fields)}` | {rec['seconds']:.1f} | {rec['output_bytes'] / 2**20:.2f} | `reports/step{i}_{step.name}/report.md` |")
     if summary["eval"]:
         lines += ["", "## Perplexity", "", "| data | before | after | change |", "|---|---|---|---|"]
         for e in summary["eval"]:
