@@ -72,9 +72,9 @@ class CheckpointIndex:
         return self._handles[file]
 
     def get(self, key: str) -> torch.Tensor:
-        """A tensor copied out of the file: nothing keeps the memory map (and its pages) alive."""
+        """A tensor backed by the file's memory map (no copy until the model's loader makes one)."""
         try:
-            return self._handle(self.key_to_file[key]).get_tensor(key).clone()
+            return self._handle(self.key_to_file[key]).get_tensor(key)
         except MoeCompressError:
             raise
         except Exception as exc:
@@ -102,6 +102,21 @@ def read_config(folder: str | Path):
     except (ValueError, KeyError, OSError, json.JSONDecodeError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UnsupportedModelError(f"cannot read {path / 'config.json'}: {first}") from exc
+
+
+@torch.no_grad()
+def _own_storage(module: nn.Module) -> None:
+    """Copy tensors that still point into a shard's memory map (those the loader assigned without a
+    conversion: attention, norms, router) so the map, and its pages in RSS, go away now instead of
+    when the layer is released. Fused experts were built by stacking and already own their memory."""
+    for sub in module.modules():
+        for name, p in list(sub.named_parameters(recurse=False)):
+            if p.numel() and not _is_fused_expert_param(sub, name):
+                p.data = p.data.clone()
+
+
+def _is_fused_expert_param(module: nn.Module, name: str) -> bool:
+    return hasattr(module, "is_concatenated") and name in ("gate_up_proj", "up_proj", "down_proj")
 
 
 def _rotary_like(module: nn.Module) -> bool:
@@ -143,13 +158,13 @@ class LayerwiseModel:
         """Load checkpoint tensors into the (materialised) skeleton; return the parameter names filled."""
         try:
             state = {k: self.checkpoint.get(k) for k in keys}
+            cfg = LoadStateDictConfig(weight_mapping=self._mapping, dtype=self.dtype)
+            info, _ = convert_and_load_state_dict_in_model(self.model, state, cfg)
+            del state
         finally:
             # Pages of a memory-mapped shard count in RSS for as long as the map is open: close it
             # so peak memory stays about one layer, not the whole checkpoint read so far.
             self.checkpoint.close()
-        cfg = LoadStateDictConfig(weight_mapping=self._mapping, dtype=self.dtype)
-        info, _ = convert_and_load_state_dict_in_model(self.model, state, cfg)
-        del state
         if info.conversion_errors:
             raise MoeCompressError(f"cannot convert checkpoint tensors: {info.conversion_errors}")
         if info.mismatched_keys:
@@ -187,6 +202,7 @@ class LayerwiseModel:
         self._materialize(layer)
         missing = self._load_keys(self._keys_under(prefix))
         self._check_loaded(prefix, layer, missing)
+        _own_storage(layer)
         return layer
 
     def release_layer(self, index: int) -> None:
