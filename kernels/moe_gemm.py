@@ -77,7 +77,7 @@ def canonical_activation(activation: str) -> str:
 def group_dims(group: fmt.PackedExpertGroup) -> tuple[int, int, bool]:
     """(H, I, gated) of one width class, checked for consistency between gate_up and down."""
     hidden, width = packed_shape(group.gate_up.qweight, group.gate_up.scales, group.gate_up.zeros, group.bits, group.group_size)
-    inter, down_out = packed_shape(group.down.qweight, group.down.scales, group.down.zeros, group.bits, group.group_size)
+    inter, down_out = packed_shape(group.down.qweight, group.down.scales, group.down.zeros, group.bits, group.down_group)
     if down_out != hidden:
         raise MoeCompressError(f"{group.bits}-bit group: down projects to {down_out} features, gate_up reads H={hidden}")
     if width not in (inter, 2 * inter):
@@ -222,7 +222,7 @@ def moe_experts_forward_reference(
             )  # [2I or I, H]
             down = fmt.dequantize(
                 group.down.qweight[local], group.down.scales[local],
-                None if group.down.zeros is None else group.down.zeros[local], group.bits, group.group_size,
+                None if group.down.zeros is None else group.down.zeros[local], group.bits, group.down_group,
             )  # [H, I]
             projected = x32[tokens] @ gate_up.t()  # [n_e, 2I]
             if gate_up_bias is not None:
@@ -433,10 +433,10 @@ def _run_group(
         inter_buf, dn.qweight, dn.scales, dn.zeros if dn.zeros is not None else dn.scales,
         down_bias if down_bias is not None else dn.scales, group_eids, flat_weights, out_slots,
         r.sorted_ids, r.block_expert, r.num_post, flat_ids, local_of, num_experts,
-        num_slots, hidden, inter, group.group_size,
+        num_slots, hidden, inter, group.down_group,
         dn.qweight[0].numel(), dn.scales[0].numel(), down_bias.stride(0) if down_bias is not None else 0,
         BITS=group.bits, HAS_ZEROS=dn.zeros is not None, HAS_BIAS=down_bias is not None, DECODE=r.decode,
-        BLOCK_M=r.block_m, BLOCK_N=block_n, BLOCK_K=fit_block_k(down_cfg["BLOCK_K"], group.group_size),
+        BLOCK_M=r.block_m, BLOCK_N=block_n, BLOCK_K=fit_block_k(down_cfg["BLOCK_K"], group.down_group),
         USE_DOT=not r.decode, DOT_FP32=dot_fp32,
         **launch_options(down_cfg),
     )

@@ -211,7 +211,12 @@ class PackedExpertGroup:
     """
 
     bits: int
-    group_size: int
+    group_size: int  # group size of gate_up (K = H)
     expert_ids: torch.Tensor
     gate_up: PackedProjection
     down: PackedProjection
+    down_group_size: int | None = None  # group size of down (K = I); None: the same as gate_up
+
+    @property
+    def down_group(self) -> int:
+        return self.group_size if self.down_group_size is None else self.down_group_size

@@ -113,6 +113,7 @@ class PackedExperts(nn.Module):
                 fmt.PackedExpertGroup(
                     bits=bits,
                     group_size=self.spec.group_for(self.spec.hidden_size),
+                    down_group_size=self.spec.group_for(self.spec.intermediate_size),
                     expert_ids=getattr(self, f"w{bits}_expert_ids"),
                     gate_up=proj("gate_up"),
                     down=proj("down"),
