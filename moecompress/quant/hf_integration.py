@@ -68,9 +68,19 @@ class MoeCompressConfig(QuantizationConfigMixin):
         return {k: v["bits"] for k, v in self.modules.items() if v["type"] == "experts"}
 
 
-def build_packed_module(description: dict, dtype: torch.dtype) -> torch.nn.Module:
-    """An empty packed module from its description in ``MoeCompressConfig.modules``."""
+def build_packed_module(description: dict, dtype: torch.dtype, existing: torch.nn.Module | None = None) -> torch.nn.Module:
+    """An empty packed module from its description in ``MoeCompressConfig.modules``.
+
+    ``existing`` is the module currently at that path; wrapper types (``compressed_experts_block``)
+    keep it inside themselves (its children under their own names) instead of replacing it.
+    """
     kind = description["type"]
+    if kind == "compressed_experts_block":
+        from moecompress.passes.compressed_experts import CompressedExpertsBlock  # lazy: passes import this module
+
+        if existing is None:
+            raise ValueError("a compressed_experts_block needs the model's own MoE block to wrap")
+        return CompressedExpertsBlock.from_description(existing, description, dtype)
     if kind == "experts":
         spec = ExpertsSpec.from_json({k: v for k, v in description.items() if k != "type"})
         return PackedExperts(spec, dtype=dtype)
@@ -91,8 +101,9 @@ def replace_modules(model: torch.nn.Module, modules: dict[str, dict], dtype: tor
     for path, description in modules.items():
         parent_name, _, attr = path.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
+        existing = getattr(parent, attr, None)
         with torch.device("meta"):
-            setattr(parent, attr, build_packed_module(description, dtype))
+            setattr(parent, attr, build_packed_module(description, dtype, existing))
 
 
 @register_quantizer(QUANT_METHOD)
