@@ -99,8 +99,11 @@ def quantize_job(
 
 
 def _checkpoint_dtype(lm: LayerwiseModel) -> torch.dtype:
-    dtype = getattr(lm.config, "dtype", None) or torch.float32
-    return getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    """The dtype the source checkpoint was saved in (read from config.json: the in-memory config's
+    dtype is the float32 the layers are computed in)."""
+    raw = json.loads((lm.folder / "config.json").read_text())
+    dtype = raw.get("dtype") or raw.get("torch_dtype") or "float32"
+    return getattr(torch, dtype) if isinstance(dtype, str) and hasattr(torch, dtype) else torch.float32
 
 
 def calibration_for(

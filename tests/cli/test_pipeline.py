@@ -42,6 +42,8 @@ def shrink_for_tiny(doc: dict, model: Path, out: Path) -> dict:
             fields["group_size"] = 32
         if name == "compress_experts":
             fields["fit_steps"] = 5
+        if name == "merge":
+            fields["num_experts"] = 2  # the tiny model has 4 experts
     doc["export"]["output"] = str(out)
     return doc
 

@@ -1,0 +1,333 @@
+"""Held-out perplexity of expert pruning and merging on the testbed; writes reports/experts.md.
+
+    python benchmarks/experts_quality.py [--testbed DIR] [--workdir DIR] [--keep 12,8,4]
+                                         [--variants frequency,reap,dern,...] [--report reports/experts.md]
+
+Protocol (testbed/README.md): perplexity on ``heldout_prose.txt`` and ``heldout_code.txt``, 256-token
+chunks, first 40k tokens each, float32 compute; the geometric mean of the two. Calibration: the
+built-in ``mixed`` set, 64 x 256 tokens, seed 0 — statistics are collected ONCE (``moecompress
+stats``' collector on the original model) and every variant reuses them through ``--stats``, so the
+variants differ only in the method; the collection time is reported separately. The held-out files
+are never used for calibration.
+
+Variants (``--variants``; all by default):
+
+* ``frequency``, ``reap``, ``dern``: ``moecompress prune --method ...`` keeping N of 16 experts;
+* ``msmoe-dominant``, ``msmoe-weighted``: ``moecompress merge --router standard --router-mode ...``
+  (the two router constructions a bias-free qwen3_moe router can store);
+* ``msmoe-exact``: ``--router exact`` with N groups in every layer (E slots, same file size);
+* ``msmoe-exact-global``: ``--router exact`` with MC-SMoE's global threshold (N groups on average);
+* ``dern-t0.4`` ... : DERN with another similarity threshold (``dern-tX``), ``dern-gate`` with the gate
+  row in the similarity.
+
+Each result is one JSON line on stdout and is cached in ``WORKDIR/results.json`` (re-runs skip the
+variants already measured; delete the file to start over).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_TESTBED = REPO.parent / "shared" / "testbed"
+DEFAULT_VARIANTS = (
+    "frequency", "reap", "dern", "msmoe-dominant", "msmoe-weighted", "msmoe-exact", "msmoe-exact-global",
+)
+REAP_LLMCOMPRESSOR_8_OF_16 = 0.079  # llm-compressor's REAP at 8 of 16 on the testbed (+7.9% perplexity)
+
+
+def evaluate_folder(folder: Path, testbed: Path) -> dict:
+    from moecompress.evaluate import evaluate
+
+    prose = evaluate(folder, testbed / "heldout_prose.txt", seqlen=256, max_tokens=40000)
+    code = evaluate(folder, testbed / "heldout_code.txt", seqlen=256, max_tokens=40000)
+    return {
+        "prose": prose.ppl,
+        "code": code.ppl,
+        "mean": math.sqrt(prose.ppl * code.ppl),
+        "disk_bytes": prose.disk_bytes,
+        "memory_bytes": prose.memory_bytes,
+        "eval_seconds": prose.seconds + code.seconds,
+    }
+
+
+def collect(testbed: Path, stats_dir: Path) -> float:
+    """Statistics of the original testbed over mixed 64 x 256 (seed 0); returns the seconds it took."""
+    from moecompress.calibration.stats import collect_stats
+    from moecompress.jobs import calibration_for
+
+    if (stats_dir / "stats.json").exists():
+        return json.loads((stats_dir / "timing.json").read_text())["seconds"]
+    start = time.time()
+    calib, description = calibration_for(testbed, "mixed", 64, 256, 0)
+    stats = collect_stats(testbed, calib, batch_size=8)
+    stats.calibration.update(description)
+    seconds = time.time() - start
+    stats.save(stats_dir)
+    (stats_dir / "timing.json").write_text(json.dumps({"seconds": seconds}))
+    return seconds
+
+
+def run_variant(variant: str, keep: int, testbed: Path, stats_dir: Path, out: Path) -> dict:
+    """Compress the testbed with one variant keeping ``keep`` experts per layer; time it."""
+    from moecompress.jobs_experts import StatsSource, merge_job, prune_job
+    from moecompress.passes.merge import MergeConfig
+    from moecompress.passes.prune import PruneConfig
+
+    source = StatsSource(stats_dir=stats_dir)
+    if variant.startswith("msmoe"):
+        _, rest = variant.split("-", 1)
+        if rest.startswith("exact"):
+            cfg = MergeConfig(num_experts=keep, router="exact", per_layer=rest != "exact-global")
+        else:
+            cfg = MergeConfig(num_experts=keep, router="standard", router_mode=rest, per_layer=True)
+        result, merger = merge_job(testbed, out, cfg, source, overwrite=True)
+        sims = [r.mean_similarity for r in merger.report.layers if r.mean_similarity is not None]
+        diag = {"mean_group_similarity": sum(sims) / len(sims) if sims else None,
+                "groups_per_layer": [len(r.groups) for r in merger.report.layers]}
+    else:
+        method, *opts = variant.split("-")
+        kwargs = {}
+        for opt in opts:
+            if opt == "gate":
+                kwargs["use_gate_in_similarity"] = True
+            elif opt.startswith("t"):
+                kwargs["similarity_threshold"] = float(opt[1:])
+            else:
+                raise SystemExit(f"unknown variant option {opt!r} in {variant!r}")
+        cfg = PruneConfig(method=method, num_experts=keep, **kwargs)
+        result, pruner = prune_job(testbed, out, cfg, source, overwrite=True)
+        diag = {"kept": {str(r.layer): r.kept for r in pruner.report.layers}}
+        if method == "dern":
+            layers = [r.dern for r in pruner.report.layers]
+            diag["donors_merged"] = sum(sum(d["received"].values()) for d in layers)
+            diag["donor_neurons"] = sum(d["donor_segments"] for d in layers)
+            diag["mean_best_cosine"] = sum(d["mean_similarity"] for d in layers) / len(layers)
+    return {"seconds": result.seconds, "output_bytes": result.output_bytes, "input_bytes": result.input_bytes, "diagnostics": diag}
+
+
+def diagnostics(variant: str, keep: int, testbed: Path, stats_dir: Path, workdir: Path) -> dict:
+    """Diagnostics of a variant measured before they were recorded: rerun the job (no evaluation)."""
+    out = workdir / f"diag_{variant}_{keep}"
+    diag = run_variant(variant, keep, testbed, stats_dir, out)["diagnostics"]
+    shutil.rmtree(out, ignore_errors=True)
+    return diag
+
+
+def _pct(value: float, base: float) -> str:
+    return f"{100 * (value / base - 1):+.2f}%"
+
+
+def write_report(path: Path, results: dict, meta: dict) -> None:
+    from moecompress.report import markdown_table, write_markdown
+
+    base = results["baseline"]
+    keeps = sorted({r["keep"] for k, r in results.items() if k != "baseline"}, reverse=True)
+    variants = [v for v in meta["variants"] if any(f"{v}@{k}" in results for k in keeps)]
+    rows = [["original (16 of 16)", "-", base["prose"], base["code"], base["mean"], "-", base["disk_bytes"] / 2**20, "-"]]
+    for keep in keeps:
+        for v in variants:
+            r = results.get(f"{v}@{keep}")
+            if r is None:
+                continue
+            rows.append([v, f"{keep} of 16", r["prose"], r["code"], r["mean"], _pct(r["mean"], base["mean"]),
+                         r["output_bytes"] / 2**20, f"{r['seconds']:.1f}"])
+    table = markdown_table(["method", "experts kept", "prose ppl", "code ppl", "geo. mean", "vs original", "size (MiB)", "time (s)"], rows)
+
+    # Goals: DERN and M-SMoE beat frequency at every ratio; the best at 8 of 16 beats REAP.
+    goal_rows = []
+    for keep in keeps:
+        freq = results.get(f"frequency@{keep}", {}).get("mean")
+        for v in variants:
+            r = results.get(f"{v}@{keep}")
+            if r is None or v == "frequency" or freq is None:
+                continue
+            if v.startswith("dern") or v.startswith("msmoe"):
+                goal_rows.append([f"{keep} of 16", v, r["mean"], freq, "yes" if r["mean"] < freq else "**no**"])
+    goals = markdown_table(["kept", "method", "geo. mean", "frequency", "beats frequency"], goal_rows)
+    best8 = min(((v, results[f"{v}@8"]["mean"]) for v in variants if f"{v}@8" in results
+                 and not v.startswith("msmoe-exact")), key=lambda x: x[1], default=None)
+    reap8 = results.get("reap@8", {}).get("mean")
+    lines = []
+    if best8 and reap8:
+        lines.append(f"Best storable-size method at 8 of 16: **{best8[0]}**, geometric mean {best8[1]:.3f} "
+                     f"({_pct(best8[1], base['mean'])} vs original); our REAP: {reap8:.3f} ({_pct(reap8, base['mean'])}); "
+                     f"llm-compressor's REAP reported at +{100 * REAP_LLMCOMPRESSOR_8_OF_16:.1f}%.")
+    sections = [
+        ("Setup", meta["setup"]),
+        ("Held-out perplexity", table + "\n\n" + meta["notes_table"]),
+        ("Goals", goals + ("\n\n" + "\n".join(lines) if lines else "")),
+        ("Diagnostics", _diagnostics_markdown(results, keeps, variants)),
+    ]
+    for heading, body in meta.get("extra_sections", []):
+        sections.append((heading, body))
+    write_markdown(path, sections, title="Expert pruning and merging on the testbed")
+
+
+def _overlap(a: dict, b: dict) -> float:
+    """Share of kept (layer, expert) pairs two prunings have in common."""
+    common = sum(len(set(a[i]) & set(b[i])) for i in a)
+    return common / max(1, sum(len(a[i]) for i in a))
+
+
+def _diagnostics_markdown(results: dict, keeps: list[int], variants: list[str]) -> str:
+    from moecompress.report import markdown_table
+
+    dern_rows, merge_rows, overlap_rows = [], [], []
+    for keep in keeps:
+        for v in variants:
+            d = results.get(f"{v}@{keep}", {}).get("diagnostics")
+            if not d:
+                continue
+            if "donors_merged" in d:
+                threshold = next((o[1:] for o in v.split("-")[1:] if o.startswith("t")), "0.6")
+                dern_rows.append([f"{keep} of 16", v, threshold, f"{d['donors_merged']} of {d['donor_neurons']}", d["mean_best_cosine"]])
+            if "mean_group_similarity" in d:
+                merge_rows.append([f"{keep} of 16", v, " ".join(map(str, d["groups_per_layer"])), d["mean_group_similarity"]])
+        kept = {v: results.get(f"{v}@{keep}", {}).get("diagnostics", {}).get("kept") for v in ("frequency", "reap", "dern")}
+        if all(kept.values()):
+            overlap_rows.append([f"{keep} of 16", _overlap(kept["dern"], kept["frequency"]), _overlap(kept["reap"], kept["frequency"]),
+                                 _overlap(kept["dern"], kept["reap"])])
+    parts = []
+    if dern_rows:
+        parts.append("DERN: donor neurons (all neurons of the dropped experts) whose best cosine to a kept expert's "
+                     "neuron exceeds the threshold and are recombined; mean best cosine over all donor neurons.\n\n"
+                     + markdown_table(["kept", "variant", "threshold", "donor neurons merged", "mean best cosine"], dern_rows))
+    if overlap_rows:
+        parts.append("Kept experts in common (share of the kept (layer, expert) pairs):\n\n"
+                     + markdown_table(["kept", "DERN vs frequency", "REAP vs frequency", "DERN vs REAP"], overlap_rows))
+    if merge_rows:
+        parts.append("M-SMoE: groups per layer and the mean router-logit cosine of merged members to their dominant expert.\n\n"
+                     + markdown_table(["kept", "variant", "groups per layer", "mean similarity"], merge_rows))
+    return "\n\n".join(parts) or "No diagnostics recorded."
+
+
+SETUP = """\
+- Model: the testbed (`qwen3_moe`, 6 layers, 16 routed experts per layer, top-2, bf16 checkpoint,
+  no router bias), `/work/shared/testbed`.
+- Perplexity: `moecompress.evaluate.evaluate(folder, file, seqlen=256, max_tokens=40000)` on
+  `heldout_prose.txt` and `heldout_code.txt` (never used for calibration); geometric mean of the two.
+- Statistics: the built-in `mixed` calibration set, 64 x 256 tokens, seed 0, collected once on the
+  original model ({stats_seconds:.1f} s) and reused by every variant through `--stats`.
+- Every output is a standard checkpoint written in bf16 and loaded with plain `from_pretrained`.
+- Time: the prune/merge job alone (reading statistics, the layer-by-layer rewrite, writing); add the
+  statistics time for a run without `--stats`. Machine: 2 CPU cores, shared — timings are indicative.
+- Reproduce: `python benchmarks/experts_quality.py` (results cached in the work folder)."""
+
+NOTES_TABLE = """\
+`msmoe-dominant` / `msmoe-weighted`: standard router (E' rows), router row of a group = its dominant
+expert's row / the frequency-weighted mean of its members' rows (`merged_router_rows`). The third
+construction, `logsumexp_approx`, adds a per-group bias H(p) and cannot be stored for this router,
+which has no bias. `msmoe-exact`: all 16 router rows and expert slots kept, members of a group share
+the merged weights (routing weights of selected experts in the same group add up — MC-SMoE's exact
+form); the same number of DISTINCT experts as the other rows, but the file is not smaller.
+`msmoe-exact-global`: the same with MC-SMoE's global frequency threshold (N groups per layer on
+average, more in layers with flatter routing)."""
+
+
+FINDINGS = """\
+Written from the run recorded above (numbers quoted from its tables).
+
+- **12 of 16**: every method is within 0.2% of the original: each layer has 2-4 experts that the
+  calibration set almost never routes to (the testbed was trained with a light load-balancing loss),
+  and dropping them is free. Frequency, REAP and DERN keep nearly the same experts.
+- **8 of 16**: REAP is clearly best (+4.1%; llm-compressor's REAP on the same model: +7.9%). DERN
+  (+10.3%) beats frequency pruning (+11.2%) only slightly; M-SMoE loses to frequency pruning with every
+  router (dominant rows +14.2%, weighted rows +15.6%, exact +15.0%).
+- **4 of 16**: DERN is best (+70.8%), ahead of M-SMoE exact (+78.5%), frequency (+80.2%) and REAP
+  (+92.1%): with only 4 experts left, covering the tokens (DERN's importance is router-weight mass)
+  matters more than REAP's output-magnitude saliency. M-SMoE with a standard router (+89.7%) loses
+  to frequency pruning.
+- **Why DERN is close to frequency pruning here**: at the paper's similarity threshold 0.6 almost no
+  neuron of a dropped expert finds a similar enough neuron in a kept one (2 of 12,288 at 8 of 16; the
+  mean best cosine is about 0.26 — this small model's experts are not redundant at the neuron level),
+  so DERN reduces to pruning by router-weighted importance. Lowering the threshold recombines more
+  neurons and is worse every time (threshold 0.4: 134 neurons merged, +16.0%; 0.2: 10,958 merged,
+  +64.0%): averaging dissimilar neurons damages the kept experts. DERN's quality here comes from its
+  importance score, not from the recombination.
+- **Why M-SMoE loses to pruning here**: `msmoe-dominant` keeps exactly the experts frequency pruning
+  keeps (the dominant experts are the most frequent ones) and routes like it (the dominant's router
+  row); the only difference is the frequency-weighted averaging of the other members into them, and
+  it costs about 1 perplexity point at 8 of 16. The members are not similar to their dominant expert
+  (router-logit cosine 0.34 on average at 8 of 16, 0.09 at 4 of 16; at the neuron level the best
+  cosine between a dropped and a kept expert's neurons averages 0.26, see DERN above), so averaging
+  blurs the dominant expert instead of combining two similar ones. The exact router (members keep routing to the merged expert) helps only
+  at 4 of 16. This matches the literature: retraining-free M-SMoE on Mixtral 8 -> 4 scores 42.49 vs
+  DERN's 70.79 (ALGORITHMS.md section 6); MC-SMoE fine-tunes after merging.
+- **MC-SMoE's global threshold** (exact router, 8 groups per layer on average: 7, 10, 8, 8, 7, 8) is
+  worse than the same count in every layer (+20.9% vs +15.0%).
+- **Router rows for the standard export**: `dominant` beat `weighted` at 8 of 16 (+14.2% vs +15.6%),
+  so it is the default (`--router-mode`). `logsumexp_approx` needs a router bias; the testbed's
+  `qwen3_moe` router has none.
+- **Goals**: DERN beats frequency pruning at every ratio (by a hair at 12 of 16). M-SMoE does **not**:
+  it loses at 12 and 8 of 16 with every router and beats frequency only at 4 of 16 with the exact
+  router. At 8 of 16 the best method is our REAP (+4.1%), which beats llm-compressor's REAP (+7.9%),
+  but neither DERN nor M-SMoE beats REAP there. Tried: both storable router constructions, the exact
+  router, MC-SMoE's global threshold, DERN similarity thresholds 0.6 / 0.4 / 0.2 — none closes the
+  gap, because on this model any averaging of dissimilar weights (neurons for DERN, experts for
+  M-SMoE) costs more than it preserves."""
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--testbed", type=Path, default=DEFAULT_TESTBED)
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/moecompress_experts_bench"))
+    parser.add_argument("--keep", default="12,8,4")
+    parser.add_argument("--variants", default=",".join(DEFAULT_VARIANTS))
+    parser.add_argument("--report", type=Path, default=REPO / "reports" / "experts.md")
+    parser.add_argument("--no-report", action="store_true")
+    args = parser.parse_args()
+
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    torch.manual_seed(0)
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    cache = args.workdir / "results.json"
+    results = json.loads(cache.read_text()) if cache.exists() else {}
+    stats_dir = args.workdir / "stats"
+    stats_seconds = collect(args.testbed, stats_dir)
+
+    if "baseline" not in results:
+        results["baseline"] = evaluate_folder(args.testbed, args.testbed)
+        cache.write_text(json.dumps(results, indent=1))
+    print(json.dumps({"variant": "original", **results["baseline"]}), flush=True)
+
+    variants = [v for v in args.variants.split(",") if v]
+    for keep in [int(k) for k in args.keep.split(",")]:
+        for variant in variants:
+            key = f"{variant}@{keep}"
+            if key not in results:
+                out = args.workdir / key.replace("@", "_")
+                timing = run_variant(variant, keep, args.testbed, stats_dir, out)
+                results[key] = {"variant": variant, "keep": keep, **timing, **evaluate_folder(out, args.testbed)}
+                shutil.rmtree(out, ignore_errors=True)
+                cache.write_text(json.dumps(results, indent=1))
+            if "diagnostics" not in results[key]:
+                results[key]["diagnostics"] = diagnostics(variant, keep, args.testbed, stats_dir, args.workdir)
+                cache.write_text(json.dumps(results, indent=1))
+            print(json.dumps({"key": key, **results[key]}), flush=True)
+
+    if not args.no_report:
+        order = list(dict.fromkeys(list(DEFAULT_VARIANTS) + variants + [r["variant"] for k, r in results.items() if k != "baseline"]))
+        meta = {
+            "variants": order,
+            "setup": SETUP.format(stats_seconds=stats_seconds),
+            "notes_table": NOTES_TABLE,
+            "extra_sections": [("Findings", FINDINGS)],
+        }
+        write_report(args.report, results, meta)
+        print(f"wrote {args.report}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

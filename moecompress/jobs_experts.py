@@ -1,0 +1,419 @@
+"""The jobs behind ``moecompress prune`` and ``moecompress merge``: statistics, one sweep, a standard checkpoint.
+
+Order of work (everything that can be refused is refused before calibration starts):
+
+1. the request is checked against the model's config (expert count vs top-k, routing groups);
+2. statistics: read from ``--stats DIR`` (written by ``moecompress stats``) or collected in a first
+   layer-by-layer sweep over the calibration set on the ORIGINAL model. A separate first sweep, not
+   statistics gathered sequentially while pruning, because two decisions need every layer at once:
+   super-expert detection pools ``output_max`` over the first 3/4 of the layers, and M-SMoE's global
+   threshold compares frequencies across layers. It also makes ``--stats DIR`` and on-the-fly
+   calibration give the same output for the same calibration set;
+3. the rewrite sweep: the driver materialises one decoder layer at a time, the pass rebuilds its MoE
+   block with fewer experts (the layer is re-run, so a wrong shape fails here, not at load time),
+   and the :class:`~moecompress.export.writer.CheckpointWriter` writes it under the family's original
+   per-expert names; then the outer weights, the config with the new expert count, the tokenizer,
+   ``kept_experts.json`` and ``report.md``, all in a staging folder renamed into place at the end.
+
+The rewrite sweep needs no calibration data (the statistics hold everything), so it is driven by a
+single 8-token dummy batch.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+import moecompress
+from moecompress.calibration.stats import RouterStats, collect_stats
+from moecompress.errors import MoeCompressError
+from moecompress.export.standard import (
+    check_expert_count,
+    config_expert_count,
+    kept_experts_record,
+    with_expert_count,
+    write_kept_experts,
+)
+from moecompress.evaluate import folder_bytes
+from moecompress.export.writer import CheckpointWriter, StagingFolder, outer_state, prepare_output
+from moecompress.jobs import JobResult, calibration_for
+from moecompress.model.driver import LayerContext, run_layerwise
+from moecompress.model.loading import LayerwiseModel
+from moecompress.passes.merge import MergeConfig, MergePass
+from moecompress.passes.prune import PruneConfig, PrunePass
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[int, int], None]
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
+
+
+@dataclass(frozen=True)
+class StatsSource:
+    """Where the statistics come from: a ``moecompress stats`` folder, or a calibration set."""
+
+    stats_dir: str | Path | None = None
+    calib: str = "mixed"
+    nsamples: int = 64
+    seqlen: int = 256
+    seed: int = 0
+    batch_size: int = 8
+
+    def validate(self) -> None:
+        if self.stats_dir is None and (self.nsamples < 1 or self.seqlen < 2):
+            raise MoeCompressError(f"calibration needs --nsamples >= 1 and --seqlen >= 2, got {self.nsamples} x {self.seqlen}")
+        if self.batch_size < 1:
+            raise MoeCompressError(f"--batch-size must be at least 1, got {self.batch_size}")
+
+
+@dataclass
+class EvalRequest:
+    """Perplexity before and after on a text file (``moecompress.evaluate.evaluate``'s protocol)."""
+
+    data: str | Path
+    seqlen: int = 256
+    max_tokens: int | None = 40000
+
+    def validate(self) -> None:
+        if not Path(self.data).is_file():
+            raise MoeCompressError(f"--eval-data {self.data} is not a file")
+        if self.seqlen < 2 or (self.max_tokens is not None and self.max_tokens < self.seqlen):
+            raise MoeCompressError(
+                f"--eval-max-tokens {self.max_tokens} must hold at least one chunk of --eval-seqlen {self.seqlen} (>= 2)"
+            )
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def source_dtype(folder: str | Path) -> torch.dtype:
+    """The dtype the checkpoint was saved in (config.json), so the output keeps it (bf16 stays bf16)."""
+    raw = json.loads((Path(folder) / "config.json").read_text())
+    name = raw.get("dtype") or raw.get("torch_dtype") or "float32"
+    dtype = getattr(torch, str(name).replace("torch.", ""), None)
+    return dtype if isinstance(dtype, torch.dtype) else torch.float32
+
+
+def load_or_collect_stats(model_folder: str | Path, lm: LayerwiseModel, source: StatsSource, progress: Progress | None = None) -> RouterStats:
+    """Statistics for ``lm``: read ``source.stats_dir`` or run the collector over a calibration set."""
+    if source.stats_dir is not None:
+        stats = RouterStats.load(source.stats_dir)
+    else:
+        has_tokenizer = any((Path(model_folder) / name).is_file() for name in _TOKENIZER_FILES)
+        if source.calib != "self" and not has_tokenizer:
+            # transformers 5 would silently build an empty tokenizer from the config alone.
+            raise MoeCompressError(
+                f"{model_folder} has no tokenizer files to tokenize calibration text; save the tokenizer into it, "
+                "pass --stats DIR from `moecompress stats`, or use --calib self"
+            )
+        calib, description = calibration_for(model_folder, source.calib, source.nsamples, source.seqlen, source.seed)
+        stats = collect_stats(lm, calib, batch_size=source.batch_size, progress=progress)
+        stats.calibration.update(description)
+    check_stats_match(stats, lm)
+    return stats
+
+
+def check_stats_match(stats: RouterStats, lm: LayerwiseModel) -> None:
+    """The statistics must describe this model's MoE layers and expert counts."""
+    if stats.moe_layers != lm.view.moe_layers:
+        raise MoeCompressError(
+            f"the statistics cover MoE layers {stats.moe_layers}, the model has {lm.view.moe_layers}; "
+            "collect statistics on this model (moecompress stats)"
+        )
+    for i in stats.moe_layers:
+        if stats.layers[i].num_experts != lm.view.blocks[i].num_experts:
+            raise MoeCompressError(
+                f"layer {i}: the statistics describe {stats.layers[i].num_experts} experts, the model has "
+                f"{lm.view.blocks[i].num_experts}; collect statistics on this model"
+            )
+        if stats.layers[i].tokens == 0:
+            raise MoeCompressError(f"layer {i}: the statistics saw no calibration token; collect them again")
+
+
+def _rewrite(lm: LayerwiseModel, model_folder: Path, stage_path: Path, layer_pass, config, progress: Progress | None) -> CheckpointWriter:
+    """The rewrite sweep: each decoder layer through ``layer_pass``, written as it finishes."""
+    dtype = source_dtype(model_folder)
+    writer = CheckpointWriter(stage_path, lm.model, dtype)
+
+    def write_layer(ctx: LayerContext) -> None:
+        writer.write_module(f"{lm.view.layers_name}.{ctx.index}", ctx.layer, f"layer-{ctx.index:05d}.safetensors")
+
+    dummy = torch.zeros(1, 8, dtype=torch.long)  # drives the sweep; the statistics carry the calibration
+    run_layerwise(lm, dummy, [layer_pass], batch_size=1, on_layer_done=write_layer, progress=progress)
+    lm.load_outer()
+    writer.write_tensors(outer_state(lm.model, lm.view.layers_name), "outer.safetensors")
+    lm.release_outer()
+    config.dtype = dtype
+    writer.finish(config, model_folder)
+    return writer
+
+
+def _evaluate_pair(model_folder: Path, out: Path, request: EvalRequest | None) -> dict | None:
+    if request is None:
+        return None
+    from moecompress.evaluate import evaluate
+
+    before = evaluate(model_folder, request.data, seqlen=request.seqlen, max_tokens=request.max_tokens)
+    after = evaluate(out, request.data, seqlen=request.seqlen, max_tokens=request.max_tokens)
+    return {
+        "data": str(request.data),
+        "seqlen": request.seqlen,
+        "max_tokens": request.max_tokens,
+        "tokens": after.tokens,
+        "ppl_before": before.ppl,
+        "ppl_after": after.ppl,
+        "change": after.ppl / before.ppl - 1.0,
+    }
+
+
+def _stats_description(stats: RouterStats, source: StatsSource) -> dict:
+    if source.stats_dir is not None:
+        return {"stats_dir": str(source.stats_dir), **stats.calibration}
+    return dict(stats.calibration)
+
+
+# ----------------------------------------------------------------------------- prune
+
+
+def check_prune_request(lm: LayerwiseModel, cfg: PruneConfig) -> int:
+    """Validate ``cfg`` against the model; the expert count every MoE layer will have."""
+    cfg.validate()
+    num = config_expert_count(lm.config)
+    if cfg.num_experts is not None and cfg.num_experts > num:
+        raise MoeCompressError(f"--num-experts {cfg.num_experts} exceeds the model's {num} experts per layer")
+    target = cfg.target(num)
+    check_expert_count(lm.config, target)
+    return target
+
+
+def prune_job(
+    model_folder: str | Path,
+    out: str | Path,
+    cfg: PruneConfig,
+    source: StatsSource = StatsSource(),
+    overwrite: bool = False,
+    eval_request: EvalRequest | None = None,
+    progress: Progress | None = None,
+) -> tuple[JobResult, PrunePass]:
+    """Prune a model folder into a standard checkpoint at ``out`` (plus kept_experts.json, report.md)."""
+    model_folder = Path(model_folder)
+    source.validate()
+    if eval_request is not None:
+        eval_request.validate()
+    lm = LayerwiseModel(model_folder)
+    target = check_prune_request(lm, cfg)
+    prepare_output(out, overwrite)
+    start = time.time()
+    stats = load_or_collect_stats(model_folder, lm, source, progress)
+    stats_seconds = time.time() - start
+    pruner = PrunePass.from_stats(cfg, stats, lm.config)
+    before = config_expert_count(lm.config)
+    with StagingFolder(out, overwrite) as stage:
+        _rewrite(lm, model_folder, stage.path, pruner, with_expert_count(lm.config, target), progress)
+        record = kept_experts_record(
+            cfg.method, before, target, pruner.report.kept_map(),
+            protected={str(i): p for i, p in pruner.protected.items() if p},
+        )
+        write_kept_experts(stage.path, record)
+        seconds = time.time() - start
+        final = Path(out)
+        result = JobResult(final, seconds, folder_bytes(stage.path), lm.checkpoint.total_bytes())
+        result.details = {
+            "command": "prune",
+            "model": str(model_folder),
+            "out": str(final),
+            "method": cfg.method,
+            "experts_before": before,
+            "experts_after": target,
+            "statistics": _stats_description(stats, source),
+            "super_experts": [{"layer": s.layer, "expert": s.expert, "max_abs": s.max_abs} for s in stats.super_experts],
+            "stats_seconds": round(stats_seconds, 2),
+            "seconds": round(seconds, 2),
+            "input_bytes": result.input_bytes,
+            "output_bytes": result.output_bytes,
+            "options": {
+                "keep_ratio": cfg.keep_ratio,
+                "num_experts": cfg.num_experts,
+                **(
+                    {"similarity_threshold": cfg.similarity_threshold, "use_gate_in_similarity": cfg.use_gate_in_similarity}
+                    if cfg.method == "dern" else {}
+                ),
+            },
+            "layers": {str(r.layer): r.kept for r in pruner.report.layers},
+        }
+        result.details["eval"] = _evaluate_pair(model_folder, stage.path, eval_request)
+        write_prune_report(stage.path / "report.md", result.details, pruner)
+        result.out = stage.commit()
+    return result, pruner
+
+
+# ----------------------------------------------------------------------------- merge
+
+
+def check_merge_request(lm: LayerwiseModel, cfg: MergeConfig) -> int:
+    """Validate ``cfg`` against the model; the expert count of the written config."""
+    cfg.validate()
+    num = config_expert_count(lm.config)
+    if cfg.num_experts > num:
+        raise MoeCompressError(f"--num-experts {cfg.num_experts} exceeds the model's {num} experts per layer")
+    if cfg.router == "exact":
+        return num  # every slot stays; members share their group's merged weights
+    check_expert_count(lm.config, cfg.num_experts)
+    router = next(iter(lm.view.blocks.values())).router
+    if cfg.router_mode == "logsumexp_approx" and router.bias is None:
+        raise MoeCompressError(
+            f"--router-mode logsumexp_approx needs a router bias, which {type(router.module).__name__} has not; "
+            "use dominant or weighted"
+        )
+    return cfg.num_experts
+
+
+def merge_job(
+    model_folder: str | Path,
+    out: str | Path,
+    cfg: MergeConfig,
+    source: StatsSource = StatsSource(),
+    overwrite: bool = False,
+    eval_request: EvalRequest | None = None,
+    progress: Progress | None = None,
+) -> tuple[JobResult, MergePass]:
+    """Merge a model folder's experts into a standard checkpoint at ``out`` (M-SMoE)."""
+    model_folder = Path(model_folder)
+    source.validate()
+    if eval_request is not None:
+        eval_request.validate()
+    lm = LayerwiseModel(model_folder)
+    slots = check_merge_request(lm, cfg)
+    prepare_output(out, overwrite)
+    start = time.time()
+    stats = load_or_collect_stats(model_folder, lm, source, progress)
+    stats_seconds = time.time() - start
+    merger = MergePass.from_stats(cfg, stats, lm.config)
+    before = config_expert_count(lm.config)
+    with StagingFolder(out, overwrite) as stage:
+        _rewrite(lm, model_folder, stage.path, merger, with_expert_count(lm.config, slots), progress)
+        record = kept_experts_record(
+            cfg.method, before, slots, merger.report.groups_map(),
+            router=cfg.router,
+            router_mode=cfg.router_mode if cfg.router == "standard" else None,
+            group_counts={str(i): n for i, n in merger.group_counts.items()},
+            protected={str(i): p for i, p in merger.protected.items() if p},
+        )
+        write_kept_experts(stage.path, record)
+        seconds = time.time() - start
+        final = Path(out)
+        result = JobResult(final, seconds, folder_bytes(stage.path), lm.checkpoint.total_bytes())
+        result.details = {
+            "command": "merge",
+            "model": str(model_folder),
+            "out": str(final),
+            "method": cfg.method,
+            "router": cfg.router,
+            "router_mode": cfg.router_mode if cfg.router == "standard" else None,
+            "group_counts": "per-layer" if cfg.uses_per_layer else "global threshold",
+            "experts_before": before,
+            "experts_after": slots,
+            "groups_per_layer": {str(i): n for i, n in merger.group_counts.items()},
+            "statistics": _stats_description(stats, source),
+            "super_experts": [{"layer": s.layer, "expert": s.expert, "max_abs": s.max_abs} for s in stats.super_experts],
+            "stats_seconds": round(stats_seconds, 2),
+            "seconds": round(seconds, 2),
+            "input_bytes": result.input_bytes,
+            "output_bytes": result.output_bytes,
+            "layers": {str(r.layer): r.groups for r in merger.report.layers},
+        }
+        result.details["eval"] = _evaluate_pair(model_folder, stage.path, eval_request)
+        write_merge_report(stage.path / "report.md", result.details, merger)
+        result.out = stage.commit()
+    return result, merger
+
+
+# ----------------------------------------------------------------------------- reports
+
+
+def _summary_rows(d: dict) -> list[tuple[str, str]]:
+    stats = d["statistics"]
+    if "stats_dir" in stats:
+        source = f"{stats['stats_dir']} ({stats.get('source', '?')}, {stats.get('nsamples', '?')} x {stats.get('seqlen', '?')})"
+    else:
+        source = f"{stats.get('source', '?')}, {stats.get('nsamples', '?')} x {stats.get('seqlen', '?')} tokens, seed {stats.get('seed', 0)}"
+    rows = [
+        ("model", d["model"]),
+        ("method", d["method"]),
+        ("experts per MoE layer", f"{d['experts_before']} -> {d['experts_after']}"),
+        ("statistics", source + " (first sweep over the original model)"),
+        ("super experts (protected)", ", ".join(f"layer {s['layer']} expert {s['expert']}" for s in d["super_experts"]) or "none"),
+        ("checkpoint size", f"{d['input_bytes'] / 2**20:.2f} MiB -> {d['output_bytes'] / 2**20:.2f} MiB "
+                            f"({100 * (d['output_bytes'] / d['input_bytes'] - 1):+.1f}%)"),
+        ("time", f"{d['seconds']:.1f} s (statistics {d['stats_seconds']:.1f} s)"),
+        ("written by", f"moecompress {moecompress.__version__}"),
+    ]
+    ev = d.get("eval")
+    if ev:
+        rows.append(("perplexity", f"{ev['ppl_before']:.4f} -> {ev['ppl_after']:.4f} ({100 * ev['change']:+.2f}%) on "
+                                   f"{ev['data']} ({ev['tokens']} tokens, {ev['seqlen']}-token chunks)"))
+    return rows
+
+
+def _ids(ids) -> str:
+    return " ".join(str(e) for e in ids) or "-"
+
+
+def write_prune_report(path: Path, details: dict, pruner: PrunePass) -> Path:
+    from moecompress.report import markdown_table, write_markdown
+
+    summary = markdown_table(["", ""], _summary_rows(details))
+    rows = []
+    for r in pruner.report.layers:
+        kept_scores = [r.scores[e] for e in r.kept]
+        dropped_scores = [r.scores[e] for e in r.dropped]
+        row = [r.layer, _ids(r.kept), _ids(r.dropped), min(kept_scores), max(dropped_scores) if dropped_scores else "-", _ids(r.protected)]
+        if r.dern is not None:
+            received = sum(r.dern["received"].values())
+            row += [f"{received} of {r.dern['donor_segments']}", r.dern["mean_similarity"] if r.dern["mean_similarity"] is not None else "-"]
+        rows.append(row)
+    headers = ["layer", "kept (original ids)", "dropped", "lowest kept score", "highest dropped score", "protected"]
+    if pruner.cfg.method == "dern":
+        headers += ["donor neurons merged", "mean best cosine"]
+    score_name = {"frequency": "share of top-k selections", "reap": "REAP saliency", "dern": "DERN importance"}[pruner.cfg.method]
+    per_layer = f"Scores: {score_name} (higher = kept)."
+    if pruner.n_group > 1:
+        per_layer += (f" The model routes within {pruner.n_group} groups of experts (n_group), so the same number "
+                      "is kept in every group: a kept score can be below a dropped one from another group.")
+    per_layer += "\n\n" + markdown_table(headers, rows)
+    scores = markdown_table(
+        ["layer"] + [str(e) for e in range(max((r.num_experts for r in pruner.report.layers), default=0))],
+        [[r.layer] + r.scores for r in pruner.report.layers],
+    )
+    sections = [("Summary", summary), ("Experts kept per layer", per_layer), ("All scores", scores)]
+    sections.append(("Files", "`kept_experts.json` maps each decoder layer to the original expert id behind each new "
+                              "expert slot (slot r = list entry r). The checkpoint loads with plain transformers."))
+    return write_markdown(path, sections, title=f"moecompress prune ({details['method']})")
+
+
+def write_merge_report(path: Path, details: dict, merger: MergePass) -> Path:
+    from moecompress.report import markdown_table, write_markdown
+
+    summary_rows = _summary_rows(details)
+    summary_rows.insert(3, ("router", f"{details['router']}" + (f" ({details['router_mode']} rows)" if details["router_mode"] else "")))
+    summary_rows.insert(4, ("group counts", f"{details['group_counts']}: " + ", ".join(
+        f"layer {i}: {n}" for i, n in details["groups_per_layer"].items())))
+    rows = []
+    for r in merger.report.layers:
+        groups = "; ".join(f"{g[0]}" + (f" <- {_ids(g[1:])}" if len(g) > 1 else "") for g in r.groups)
+        rows.append([r.layer, len(r.groups), groups, r.mean_similarity if r.mean_similarity is not None else "-", _ids(r.protected)])
+    per_layer = ("Groups as `dominant <- merged members`; similarity: mean cosine of the members' router-logit columns "
+                 "to their dominant expert's over the calibration tokens.\n\n"
+                 + markdown_table(["layer", "groups", "groups (original ids)", "mean similarity", "protected"], rows))
+    note = ("`kept_experts.json` lists each layer's groups (first member dominant). "
+            + ("Standard router: new expert slot g is group g." if details["router"] == "standard" else
+               "Exact router: every original expert slot stays and holds its group's merged expert, so the routing is "
+               "exactly MC-SMoE's expert -> group map; distinct weights are reduced but the file is not smaller."))
+    sections = [("Summary", markdown_table(["", ""], summary_rows)), ("Groups per layer", per_layer), ("Files", note)]
+    return write_markdown(path, sections, title=f"moecompress merge ({details['method']}, {details['router']} router)")

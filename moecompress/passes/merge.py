@@ -1,0 +1,259 @@
+"""Expert merging pass: M-SMoE over one MoE layer's view and its statistics.
+
+Per MoE layer (``MergePass.process``):
+
+1. group counts: the same ``N`` in every layer (``per_layer``), or MC-SMoE's global frequency
+   threshold chosen so the layers hold about ``N`` groups on average
+   (:func:`~moecompress.algorithms.merging.global_group_counts`, computed once for the model);
+2. grouping (:func:`~moecompress.algorithms.merging.group_experts`): the most frequently selected
+   experts dominate, every other expert joins the dominant one whose router-logit column is most
+   cosine-similar over the calibration tokens; super experts stay singleton groups;
+3. merging (:func:`~moecompress.algorithms.merging.merge_experts`): every member's neurons aligned to
+   the dominant expert (Hungarian weight matching), then a frequency-weighted average (gate/up
+   biases travel with their neuron, see :mod:`moecompress.passes.prune`; ``down_proj_bias`` is
+   averaged with the same weights);
+4. router:
+
+   * ``standard`` — an ordinary E'-expert checkpoint: slot g holds group g's merged expert and the
+     router row built by :func:`~moecompress.algorithms.merging.merged_router_rows` (``router_mode``:
+     ``dominant``, ``weighted`` or ``logsumexp_approx``; the latter needs a router bias). Group-limited
+     routing (``n_group``) groups experts within each routing group, the same number per group.
+     An approximation: routing between merged experts changes.
+   * ``exact`` — the paper's own form: all E router rows and E expert slots stay, every member's
+     slot holds its group's merged expert. Two selected experts of one group then contribute
+     ``(w_a + w_b) * merged(x)``: exactly the expert -> group map with summed routing weights
+     (:func:`~moecompress.algorithms.merging.expert_to_group`), in a checkpoint any runtime loads.
+     Distinct weights are reduced to E' per layer, but the file and memory are NOT smaller (every
+     slot stores its copy); it is the quality reference for the standard router.
+
+Shape legend: E experts, E' groups, I intermediate size, H hidden size.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from moecompress.algorithms.merging import (
+    ROUTER_MODES,
+    expert_to_group,
+    global_group_counts,
+    group_experts,
+    merge_experts,
+    merged_router_rows,
+)
+from moecompress.calibration.stats import LayerStats, RouterStats
+from moecompress.errors import MoeCompressError
+from moecompress.export.standard import resize_experts, routing_groups, set_router_rows
+from moecompress.model.driver import LayerContext
+from moecompress.model.view import MoEBlockView
+from moecompress.passes.prune import ExpertStack, protected_experts, read_experts, write_expert
+
+log = logging.getLogger(__name__)
+
+METHODS = ("msmoe",)
+ROUTERS = ("standard", "exact")
+# Measured on the testbed at 8 of 16 experts (reports/experts.md, benchmarks/experts_quality.py):
+# geometric-mean held-out perplexity 38.81 with the dominant member's row vs 39.27 with the
+# frequency-weighted mean row (original 33.97); logsumexp_approx needs a router bias the testbed lacks.
+DEFAULT_ROUTER_MODE = "dominant"
+
+
+@dataclass(frozen=True)
+class MergeConfig:
+    """``num_experts``: groups per layer (``per_layer``) or their average over layers (global threshold).
+
+    ``per_layer=None`` resolves to True for the standard router (a standard config has one expert
+    count for every layer) and False (MC-SMoE's global threshold) for the exact router.
+    """
+
+    num_experts: int
+    method: str = "msmoe"
+    router: str = "standard"
+    router_mode: str = DEFAULT_ROUTER_MODE
+    per_layer: bool | None = None
+    protect_super_experts: bool = True
+
+    @property
+    def uses_per_layer(self) -> bool:
+        return self.router == "standard" if self.per_layer is None else bool(self.per_layer)
+
+    def validate(self) -> None:
+        if self.method not in METHODS:
+            raise MoeCompressError(f"unknown merging method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.router not in ROUTERS:
+            raise MoeCompressError(f"unknown --router {self.router!r}; choose standard or exact")
+        if self.router_mode not in ROUTER_MODES:
+            raise MoeCompressError(f"unknown --router-mode {self.router_mode!r}; choose one of {', '.join(ROUTER_MODES)}")
+        if self.num_experts is None or self.num_experts < 1:
+            raise MoeCompressError(f"--num-experts {self.num_experts} must be at least 1")
+        if self.router == "standard" and not self.uses_per_layer:
+            raise MoeCompressError(
+                "a standard checkpoint holds the same expert count in every layer; use --per-layer "
+                "or --router exact for MC-SMoE's global threshold"
+            )
+
+
+def layer_group_counts(cfg: MergeConfig, stats: RouterStats, protected: Mapping[int, Sequence[int]]) -> dict[int, int]:
+    """Groups per MoE layer: ``N`` everywhere, or from the global frequency threshold for ``N x L``
+    groups in total. A layer never gets fewer groups than its super experts + 1 (raised if needed)."""
+    layers = stats.moe_layers
+    if cfg.uses_per_layer:
+        counts = {i: cfg.num_experts for i in layers}
+    else:
+        freqs = [stats.layers[i].expert_counts for i in layers]
+        total = cfg.num_experts * len(layers)
+        counts = dict(zip(layers, global_group_counts(freqs, total_groups=total)))
+    for i in layers:
+        num = stats.layers[i].num_experts
+        need = min(num, len(protected.get(i, [])) + (1 if len(protected.get(i, [])) < num else 0))
+        if counts[i] < need:
+            log.info("layer %d: raising %d groups to %d (super experts stay singletons)", i, counts[i], need)
+            counts[i] = need
+    return counts
+
+
+def group_in_routing_groups(
+    freq: torch.Tensor, sim: torch.Tensor, num_groups: int, protected: Sequence[int], n_group: int = 1
+) -> list[list[int]]:
+    """:func:`group_experts` within each of ``n_group`` contiguous routing groups (``num_groups /
+    n_group`` each), so a merged expert never mixes routing groups. Groups in routing-group order."""
+    num = freq.shape[0]
+    if n_group <= 1:
+        return group_experts(freq, sim, num_groups, protected)
+    if num % n_group or num_groups % n_group:
+        raise MoeCompressError(f"{num_groups} groups of {num} experts do not split into {n_group} routing groups")
+    size, per = num // n_group, num_groups // n_group
+    out: list[list[int]] = []
+    for g in range(n_group):
+        lo = g * size
+        mine = [e - lo for e in protected if lo <= e < lo + size]
+        sub = group_experts(freq[lo : lo + size], sim[lo : lo + size, lo : lo + size], per, mine)
+        out += [[lo + e for e in members] for members in sub]
+    return out
+
+
+def mean_group_similarity(groups: Sequence[Sequence[int]], sim: torch.Tensor) -> float | None:
+    """Mean router-logit cosine between each non-dominant member and its dominant expert (None: all singletons)."""
+    values = [float(sim[members[0], e]) for members in groups for e in members[1:]]
+    return sum(values) / len(values) if values else None
+
+
+@torch.no_grad()
+def merge_block(
+    block: MoEBlockView,
+    groups: Sequence[Sequence[int]],
+    freq: torch.Tensor,
+    router: str = "standard",
+    router_mode: str = DEFAULT_ROUTER_MODE,
+) -> None:
+    """Merge ``block``'s experts by ``groups`` (first member dominant), ``freq [E]`` weighting members.
+
+    ``standard``: the block gets E' = len(groups) experts and router rows; ``exact``: E slots stay and
+    every member's slot holds its group's merged expert (router untouched).
+    """
+    num = block.num_experts
+    expert_to_group(groups, num)  # validates the partition
+    if router == "standard" and router_mode == "logsumexp_approx" and block.router.bias is None:
+        raise MoeCompressError(
+            f"--router-mode logsumexp_approx needs a router bias, which {type(block.router.module).__name__} has not; "
+            "use dominant or weighted"
+        )
+    stack = read_experts(block.experts)
+    gate, up, down = merge_experts(stack.gate, stack.up, stack.down, groups, freq)
+    down_bias = None
+    if stack.down_bias is not None:
+        rows = []
+        for members in groups:
+            idx = torch.as_tensor(list(members), dtype=torch.long)
+            w = freq[idx].to(torch.float32)
+            w = w / w.sum() if w.sum() > 0 else torch.full_like(w, 1.0 / len(members))
+            rows.append(w @ stack.down_bias[idx])  # [H]
+        down_bias = torch.stack(rows)
+    merged = ExpertStack(gate, up, down, down_bias, stack.hidden)
+    if router == "exact":
+        for g, members in enumerate(groups):
+            for e in members:
+                write_expert(block.experts, e, merged, g)
+        return
+    rows, bias = merged_router_rows(
+        block.router.weight.detach(), groups, freq, router_mode, router_bias=block.router.bias
+    )
+    resize_experts(block, [members[0] for members in groups])
+    for g in range(len(groups)):
+        write_expert(block.experts, g, merged, g)
+    set_router_rows(block, rows, bias)
+
+
+@dataclass
+class LayerMergeReport:
+    layer: int
+    num_experts: int
+    groups: list[list[int]]
+    frequency: list[float]
+    protected: list[int]
+    mean_similarity: float | None
+
+
+@dataclass
+class MergeReport:
+    layers: list[LayerMergeReport] = field(default_factory=list)
+
+    def groups_map(self) -> dict[int, list[list[int]]]:
+        return {r.layer: r.groups for r in self.layers}
+
+
+class MergePass:
+    """LayerPass: M-SMoE merging of every MoE layer with per-layer statistics (see the module doc)."""
+
+    def __init__(
+        self,
+        cfg: MergeConfig,
+        layer_stats: Mapping[int, LayerStats],
+        group_counts: Mapping[int, int],
+        protected: Mapping[int, Sequence[int]] | None = None,
+        n_group: int = 1,
+    ):
+        cfg.validate()
+        self.cfg = cfg
+        self.layer_stats = layer_stats
+        self.group_counts = dict(group_counts)
+        self.protected = protected or {}
+        self.n_group = n_group if cfg.router == "standard" else 1  # exact keeps every routing group intact
+        self.report = MergeReport()
+
+    @classmethod
+    def from_stats(cls, cfg: MergeConfig, stats: RouterStats, config) -> "MergePass":
+        cfg.validate()
+        protected = {i: protected_experts(stats, i) for i in stats.moe_layers} if cfg.protect_super_experts else {}
+        counts = layer_group_counts(cfg, stats, protected)
+        return cls(cfg, stats.layers, counts, protected, routing_groups(config)[0])
+
+    def attach(self, ctx: LayerContext) -> list:
+        return []
+
+    def process(self, ctx: LayerContext) -> bool:
+        block = ctx.block
+        if block is None:
+            return False
+        if ctx.index not in self.layer_stats or ctx.index not in self.group_counts:
+            raise MoeCompressError(f"no statistics for MoE layer {ctx.index}; collect statistics on this model")
+        stats = self.layer_stats[ctx.index]
+        if stats.num_experts != block.num_experts:
+            raise MoeCompressError(
+                f"layer {ctx.index}: statistics describe {stats.num_experts} experts, the model has {block.num_experts}; "
+                "collect statistics on this model"
+            )
+        freq = stats.frequency.to(torch.float32)
+        sim = stats.router_similarity
+        protected = list(self.protected.get(ctx.index, []))
+        groups = group_in_routing_groups(freq, sim, self.group_counts[ctx.index], protected, self.n_group)
+        merge_block(block, groups, freq, self.cfg.router, self.cfg.router_mode)
+        self.report.layers.append(
+            LayerMergeReport(ctx.index, stats.num_experts, groups, freq.tolist(), protected, mean_group_similarity(groups, sim))
+        )
+        log.info("layer %d: %d experts -> %d groups", ctx.index, stats.num_experts, len(groups))
+        return True

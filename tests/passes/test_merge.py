@@ -1,0 +1,163 @@
+"""Merging pass: identical experts merge back to themselves, exact vs standard router, routing groups."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from moecompress.calibration.sources import CalibrationSet
+from moecompress.calibration.stats import collect_stats
+from moecompress.errors import MoeCompressError
+from moecompress.jobs_experts import StatsSource, merge_job
+from moecompress.model.loading import LayerwiseModel
+from moecompress.model.tiny import build_tiny_model, save_tiny_model
+from moecompress.model.view import describe_model
+from moecompress.passes.merge import (
+    MergeConfig,
+    group_in_routing_groups,
+    layer_group_counts,
+    merge_block,
+    mean_group_similarity,
+)
+
+IDS = torch.randint(3, 256, (8, 24), generator=torch.Generator().manual_seed(1))
+
+
+def _stats(folder, out):
+    stats = collect_stats(LayerwiseModel(folder), CalibrationSet(IDS, None, "random"), batch_size=4)
+    stats.save(out)
+    return stats
+
+
+def _make_experts_identical(model) -> None:
+    """Every expert of every MoE layer becomes a copy of that layer's expert 0."""
+    for block in describe_model(model).blocks.values():
+        module = block.experts.module
+        with torch.no_grad():
+            for name, p in module.named_parameters(recurse=False):
+                p.copy_(p[:1].expand_as(p))
+
+
+@pytest.fixture(scope="module")
+def identical_mixtral(tmp_path_factory):
+    root = tmp_path_factory.mktemp("merge_identical")
+    model = build_tiny_model("mixtral")
+    _make_experts_identical(model)
+    model.save_pretrained(str(root / "model"))
+    _stats(root / "model", root / "stats")
+    return root
+
+
+def _logits(folder):
+    model = AutoModelForCausalLM.from_pretrained(str(folder)).eval()
+    with torch.no_grad():
+        return model(input_ids=IDS[:2]).logits, model
+
+
+def test_merging_identical_experts_gives_back_that_expert(identical_mixtral, tmp_path):
+    root = identical_mixtral
+    original, source = _logits(root / "model")
+    for router in ("standard", "exact"):
+        out = tmp_path / router
+        merge_job(root / "model", out, MergeConfig(2, router=router), StatsSource(stats_dir=root / "stats"))
+        merged, model = _logits(out)
+        for layer, old in zip(model.model.layers, source.model.layers):
+            experts = layer.mlp.experts
+            assert experts.gate_up_proj.shape[0] == (2 if router == "standard" else 4)
+            for e in range(experts.gate_up_proj.shape[0]):
+                assert torch.equal(experts.gate_up_proj[e], old.mlp.experts.gate_up_proj[0])
+                assert torch.equal(experts.down_proj[e], old.mlp.experts.down_proj[0])
+        # Mixtral renormalises the top-k weights, so with identical experts the routing cannot matter.
+        assert torch.allclose(merged, original, atol=1e-5), router
+
+
+def test_exact_router_keeps_every_slot_and_members_share_weights(tmp_path):
+    save_tiny_model("qwen3_moe", tmp_path / "model")
+    _stats(tmp_path / "model", tmp_path / "stats")
+    out = tmp_path / "exact"
+    merge_job(tmp_path / "model", out, MergeConfig(2, router="exact", per_layer=True), StatsSource(stats_dir=tmp_path / "stats"))
+    record = json.loads((out / "kept_experts.json").read_text())
+    assert record["router"] == "exact" and record["num_experts_after"] == 4
+    _, source = _logits(tmp_path / "model")
+    _, model = _logits(out)
+    for i, layer in enumerate(model.model.layers):
+        groups = record["layers"][str(i)]
+        assert sorted(e for g in groups for e in g) == [0, 1, 2, 3] and len(groups) == 2
+        experts = layer.mlp.experts
+        assert torch.equal(layer.mlp.gate.weight, source.model.layers[i].mlp.gate.weight)  # router untouched
+        for members in groups:
+            for e in members[1:]:
+                assert torch.equal(experts.gate_up_proj[e], experts.gate_up_proj[members[0]])
+                assert torch.equal(experts.down_proj[e], experts.down_proj[members[0]])
+
+
+def test_merge_with_biases_returns_identical_expert_with_its_biases():
+    model = build_tiny_model("gpt_oss")
+    _make_experts_identical(model)
+    block = describe_model(model).blocks[0]
+    before = {k: v[0].clone() for k, v in block.experts.module.state_dict().items()}
+    merge_block(block, [[0, 1], [2, 3]], torch.tensor([0.4, 0.1, 0.3, 0.2]), "standard", "weighted")
+    after = block.experts.module.state_dict()
+    assert block.num_experts == 2 and block.router.module.weight.shape[0] == 2
+    assert block.router.module.bias.shape == (2,)
+    for name, value in after.items():
+        for g in range(2):
+            assert torch.allclose(value[g], before[name], atol=1e-6), name
+
+
+def test_router_rows_weighted_mean_and_resized_forward_runs():
+    model = build_tiny_model("olmoe")
+    block = describe_model(model).blocks[0]
+    weight = block.router.module.weight.detach().clone()
+    freq = torch.tensor([0.1, 0.2, 0.3, 0.4])
+    merge_block(block, [[3, 0], [2, 1]], freq, "standard", "weighted")
+    expected = torch.stack([(0.4 * weight[3] + 0.1 * weight[0]) / 0.5, (0.3 * weight[2] + 0.2 * weight[1]) / 0.5])
+    assert torch.allclose(block.router.module.weight, expected, atol=1e-6)
+    with torch.no_grad():
+        out = model(input_ids=IDS[:1]).logits
+    assert torch.isfinite(out).all()
+
+
+def test_grouping_stays_within_routing_groups():
+    freq = torch.tensor([0.3, 0.1, 0.05, 0.05, 0.2, 0.1, 0.1, 0.1])
+    sim = torch.eye(8)
+    sim[1, 4] = sim[4, 1] = 0.99  # most similar across the routing-group boundary
+    groups = group_in_routing_groups(freq, sim, 4, [], n_group=2)
+    assert len(groups) == 4
+    for members in groups:
+        assert len({e // 4 for e in members}) == 1, groups
+    assert mean_group_similarity([[0], [1]], sim) is None
+
+
+def test_group_counts_per_layer_and_global(tmp_path):
+    save_tiny_model("mixtral", tmp_path / "model")
+    stats = _stats(tmp_path / "model", tmp_path / "stats")
+    assert layer_group_counts(MergeConfig(2), stats, {}) == {0: 2, 1: 2, 2: 2}
+    counts = layer_group_counts(MergeConfig(2, router="exact"), stats, {})
+    assert sum(counts.values()) <= 6 and all(1 <= n <= 4 for n in counts.values())
+    assert layer_group_counts(MergeConfig(1), stats, {0: [3]})[0] == 2  # super expert + one group
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(num_experts=2, router="standard", per_layer=False), "same expert count in every layer"),
+        (dict(num_experts=2, router="fancy"), "unknown --router"),
+        (dict(num_experts=2, router_mode="median"), "unknown --router-mode"),
+        (dict(num_experts=0), "at least 1"),
+        (dict(num_experts=2, method="hcsmoe"), "unknown merging method"),
+    ],
+)
+def test_config_rejects_bad_input(kwargs, message):
+    with pytest.raises(MoeCompressError, match=message):
+        MergeConfig(**kwargs).validate()
+
+
+def test_logsumexp_rows_need_a_router_bias():
+    model = build_tiny_model("mixtral")
+    block = describe_model(model).blocks[0]
+    with pytest.raises(MoeCompressError, match="needs a router bias"):
+        merge_block(block, [[0, 1], [2, 3]], torch.ones(4), "standard", "logsumexp_approx")
