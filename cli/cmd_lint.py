@@ -1,0 +1,38 @@
+"""`moecompress lint`: can vLLM (and transformers) load this compressed-tensors checkpoint's MoE layers?
+
+Exit 0: no errors (warnings may be listed); 1: findings with errors, one line each with its rule id;
+2: input that cannot be read.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from moecompress.cli.common import console, print_json, user_errors
+
+EXIT_FINDINGS = 1
+
+
+def lint(
+    folder: Path = typer.Argument(..., help="checkpoint folder (compressed-tensors export)"),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object with every finding"),
+) -> None:
+    """Check a compressed-tensors checkpoint against what vLLM and transformers need for MoE layers."""
+    from moecompress.export.lint import RULES, format_findings, lint_checkpoint
+
+    report = lint_checkpoint(folder)
+    if as_json:
+        print_json(report.as_json())
+    else:
+        for line in format_findings(report):
+            console.print(line, highlight=False, soft_wrap=True)
+        status = "clean" if report.clean else f"{len(report.errors)} error(s)"
+        console.print(f"{folder}: {status}, {len(report.findings)} finding(s); rules checked: {', '.join(RULES)}", highlight=False)
+    if not report.clean:
+        raise typer.Exit(EXIT_FINDINGS)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("lint")(user_errors(lint))
