@@ -7,6 +7,8 @@ baseline is measured in the same run by the same code. Calibration is the built-
 held-out files are only ever evaluated on. Prints one JSON line per method; writes reports/results.md.
 
     python benchmarks/quality.py [--testbed ../shared/testbed] [--work /tmp/mc_quality] [--only NAME,...]
+
+``--only`` re-runs the named methods and keeps the other rows from the last run in ``--work``.
 """
 
 from __future__ import annotations
@@ -37,17 +39,6 @@ METHODS = {
     "merge-msmoe-8": ("M-SMoE merging, 8 of 16", "merge {model} {out} --method msmoe --num-experts 8 --stats {stats}"),
     "dynamic-skip": ("MC-MoE dynamic skipping", "compress-experts {model} {out} --n-ce 0 --dynamic-skip " + " ".join(CALIB)),
 }
-
-
-def run(cmd: list[str], env: dict) -> tuple[float, float, int, str]:
-    """(wall s, cpu s, peak RSS bytes, stdout) of one subprocess."""
-    start = time.time()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd="/tmp")
-    out, err = proc.communicate()
-    _pid, status, usage = os.wait4(proc.pid, 0) if proc.returncode is None else (proc.pid, proc.returncode, None)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed: {err.decode()[-800:]}")
-    return time.time() - start, 0.0, 0, out.decode()
 
 
 def run_measured(cmd: list[str], env: dict) -> tuple[float, float, int, str]:
@@ -87,6 +78,8 @@ def main() -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TRITON_INTERPRET": "0"}
     args.work.mkdir(parents=True, exist_ok=True)
     testbed = args.testbed.resolve()
+    cache = args.work / "results.json"
+    previous = {r["name"]: r for r in json.loads(cache.read_text())} if cache.exists() else {}
     rows = []
     base = {"name": "bf16", "what": "original (bf16)", **evaluate(testbed, testbed, env), "size_mib": size_mib(testbed), "seconds": 0.0, "cpu_seconds": 0.0, "peak_rss_mib": 0.0}
     print(json.dumps(base), flush=True)
@@ -98,6 +91,8 @@ def main() -> None:
     only = set(filter(None, args.only.split(",")))
     for name, (what, template) in METHODS.items():
         if only and name not in only:
+            if name in previous:  # --only re-runs some methods and keeps the others' last results
+                rows.append(previous[name])
             continue
         out = args.work / name
         shutil.rmtree(out, ignore_errors=True)
@@ -111,6 +106,7 @@ def main() -> None:
         print(json.dumps(row), flush=True)
         rows.append(row)
         write_report(args.report, rows)
+        cache.write_text(json.dumps(rows, indent=1))
     write_report(args.report, rows)
 
 

@@ -6,10 +6,9 @@ folder and renames it when complete.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -61,7 +60,7 @@ def quantize_job(
         if cfg.method != "rtn":
             raise MoeCompressError("GPTQ needs calibration data; pass --calib or use --method rtn")
         input_ids = torch.zeros(1, 8, dtype=torch.long)  # RTN: one tiny batch only drives the sweep
-    out_dtype = _checkpoint_dtype(lm)
+    out_dtype = lm.checkpoint_dtype
     qpass = QuantizePass(cfg, lm.config, dtype=out_dtype)
     with StagingFolder(out, overwrite) as stage:
         writer = CheckpointWriter(stage.path, lm.model, out_dtype)
@@ -96,14 +95,6 @@ def quantize_job(
         final = stage.commit()
     result = JobResult(final, time.time() - start, writer.total_bytes, lm.checkpoint.total_bytes())
     return result, qpass
-
-
-def _checkpoint_dtype(lm: LayerwiseModel) -> torch.dtype:
-    """The dtype the source checkpoint was saved in (read from config.json: the in-memory config's
-    dtype is the float32 the layers are computed in)."""
-    raw = json.loads((lm.folder / "config.json").read_text())
-    dtype = raw.get("dtype") or raw.get("torch_dtype") or "float32"
-    return getattr(torch, dtype) if isinstance(dtype, str) and hasattr(torch, dtype) else torch.float32
 
 
 def calibration_for(

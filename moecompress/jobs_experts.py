@@ -21,7 +21,6 @@ single 8-token dummy batch.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import dataclass
@@ -92,14 +91,6 @@ class EvalRequest:
 # ----------------------------------------------------------------------------- helpers
 
 
-def source_dtype(folder: str | Path) -> torch.dtype:
-    """The dtype the checkpoint was saved in (config.json), so the output keeps it (bf16 stays bf16)."""
-    raw = json.loads((Path(folder) / "config.json").read_text())
-    name = raw.get("dtype") or raw.get("torch_dtype") or "float32"
-    dtype = getattr(torch, str(name).replace("torch.", ""), None)
-    return dtype if isinstance(dtype, torch.dtype) else torch.float32
-
-
 def load_or_collect_stats(model_folder: str | Path, lm: LayerwiseModel, source: StatsSource, progress: Progress | None = None) -> RouterStats:
     """Statistics for ``lm``: read ``source.stats_dir`` or run the collector over a calibration set."""
     if source.stats_dir is not None:
@@ -138,8 +129,7 @@ def check_stats_match(stats: RouterStats, lm: LayerwiseModel) -> None:
 
 def _rewrite(lm: LayerwiseModel, model_folder: Path, stage_path: Path, layer_pass, config, progress: Progress | None) -> CheckpointWriter:
     """The rewrite sweep: each decoder layer through ``layer_pass``, written as it finishes."""
-    dtype = source_dtype(model_folder)
-    writer = CheckpointWriter(stage_path, lm.model, dtype)
+    writer = CheckpointWriter(stage_path, lm.model, lm.checkpoint_dtype)
 
     def write_layer(ctx: LayerContext) -> None:
         writer.write_module(f"{lm.view.layers_name}.{ctx.index}", ctx.layer, f"layer-{ctx.index:05d}.safetensors")
@@ -149,7 +139,7 @@ def _rewrite(lm: LayerwiseModel, model_folder: Path, stage_path: Path, layer_pas
     lm.load_outer()
     writer.write_tensors(outer_state(lm.model, lm.view.layers_name), "outer.safetensors")
     lm.release_outer()
-    config.dtype = dtype
+    config.dtype = lm.checkpoint_dtype
     writer.finish(config, model_folder)
     return writer
 

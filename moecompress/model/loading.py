@@ -147,6 +147,15 @@ class LayerwiseModel:
         self.layers = self.model.get_submodule(self.view.layers_name)
         self._mapping = get_model_conversion_mapping(self.model)
 
+    @property
+    def checkpoint_dtype(self) -> torch.dtype:
+        """The dtype the checkpoint was saved in, read from config.json (the in-memory config's dtype
+        is the one layers are computed in), for writing outputs in the source's precision."""
+        raw = json.loads((self.folder / "config.json").read_text())
+        dtype = raw.get("dtype") or raw.get("torch_dtype") or "float32"
+        found = getattr(torch, dtype, None) if isinstance(dtype, str) else None
+        return found if isinstance(found, torch.dtype) else torch.float32
+
     # -- materialising modules ---------------------------------------------------------------------
 
     def _keys_under(self, prefix: str) -> list[str]:

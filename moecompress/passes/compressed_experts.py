@@ -744,11 +744,6 @@ def source_quantization(config) -> dict | None:
     return qc
 
 
-def _storage_dtype(config) -> torch.dtype:
-    dtype = getattr(config, "dtype", None) or torch.float32
-    return getattr(torch, dtype) if isinstance(dtype, str) else dtype
-
-
 def model_top_k(model_folder: str | Path) -> int:
     """The smallest top-k over the model's MoE layers (read from the meta skeleton; nothing loaded)."""
     from moecompress.model.loading import LayerwiseModel
@@ -792,7 +787,7 @@ def compress_experts_job(
     if source_q is not None:
         # The skeleton is built without our quantizer: swap in the packed modules before any layer loads.
         replace_modules(lm.model, source_q.get("modules", {}), lm.dtype)
-    storage = _storage_dtype(lm.config)
+    storage = lm.checkpoint_dtype
     cpass = CompressExpertsPass(cfg, lm.view.layers_name, storage)
     with StagingFolder(out, overwrite) as stage:
         writer = CheckpointWriter(stage.path, lm.model, storage)
