@@ -182,6 +182,41 @@ def check_prune_request(lm: LayerwiseModel, cfg: PruneConfig) -> int:
     return target
 
 
+def _open_job(model_folder: Path, out, overwrite: bool, source: StatsSource, eval_request: EvalRequest | None, check, progress):
+    """What prune and merge do before rewriting: validate everything, then read or gather statistics.
+
+    Returns (model, expert count of the written config, statistics, statistics seconds, start time).
+    """
+    source.validate()
+    if eval_request is not None:
+        eval_request.validate()
+    lm = LayerwiseModel(model_folder)
+    count = check(lm)
+    prepare_output(out, overwrite)
+    start = time.time()
+    stats = load_or_collect_stats(model_folder, lm, source, progress)
+    return lm, count, stats, time.time() - start, start
+
+
+def _common_details(command: str, model_folder: Path, result: JobResult, method: str, before: int, after: int,
+                    stats, source: StatsSource, stats_seconds: float) -> dict:
+    """The summary fields prune and merge share (their own fields are added by each job)."""
+    return {
+        "command": command,
+        "model": str(model_folder),
+        "out": str(result.out),
+        "method": method,
+        "experts_before": before,
+        "experts_after": after,
+        "statistics": _stats_description(stats, source),
+        "super_experts": [{"layer": s.layer, "expert": s.expert, "max_abs": s.max_abs} for s in stats.super_experts],
+        "stats_seconds": round(stats_seconds, 2),
+        "seconds": round(result.seconds, 2),
+        "input_bytes": result.input_bytes,
+        "output_bytes": result.output_bytes,
+    }
+
+
 def prune_job(
     model_folder: str | Path,
     out: str | Path,
@@ -193,15 +228,9 @@ def prune_job(
 ) -> tuple[JobResult, PrunePass]:
     """Prune a model folder into a standard checkpoint at ``out`` (plus kept_experts.json, report.md)."""
     model_folder = Path(model_folder)
-    source.validate()
-    if eval_request is not None:
-        eval_request.validate()
-    lm = LayerwiseModel(model_folder)
-    target = check_prune_request(lm, cfg)
-    prepare_output(out, overwrite)
-    start = time.time()
-    stats = load_or_collect_stats(model_folder, lm, source, progress)
-    stats_seconds = time.time() - start
+    lm, target, stats, stats_seconds, start = _open_job(
+        model_folder, out, overwrite, source, eval_request, lambda lm: check_prune_request(lm, cfg), progress
+    )
     pruner = PrunePass.from_stats(cfg, stats, lm.config)
     before = config_expert_count(lm.config)
     with StagingFolder(out, overwrite) as stage:
@@ -215,18 +244,7 @@ def prune_job(
         final = Path(out)
         result = JobResult(final, seconds, folder_bytes(stage.path), lm.checkpoint.total_bytes())
         result.details = {
-            "command": "prune",
-            "model": str(model_folder),
-            "out": str(final),
-            "method": cfg.method,
-            "experts_before": before,
-            "experts_after": target,
-            "statistics": _stats_description(stats, source),
-            "super_experts": [{"layer": s.layer, "expert": s.expert, "max_abs": s.max_abs} for s in stats.super_experts],
-            "stats_seconds": round(stats_seconds, 2),
-            "seconds": round(seconds, 2),
-            "input_bytes": result.input_bytes,
-            "output_bytes": result.output_bytes,
+            **_common_details("prune", model_folder, result, cfg.method, before, target, stats, source, stats_seconds),
             "options": {
                 "keep_ratio": cfg.keep_ratio,
                 "num_experts": cfg.num_experts,
@@ -275,15 +293,9 @@ def merge_job(
 ) -> tuple[JobResult, MergePass]:
     """Merge a model folder's experts into a standard checkpoint at ``out`` (M-SMoE)."""
     model_folder = Path(model_folder)
-    source.validate()
-    if eval_request is not None:
-        eval_request.validate()
-    lm = LayerwiseModel(model_folder)
-    slots = check_merge_request(lm, cfg)
-    prepare_output(out, overwrite)
-    start = time.time()
-    stats = load_or_collect_stats(model_folder, lm, source, progress)
-    stats_seconds = time.time() - start
+    lm, slots, stats, stats_seconds, start = _open_job(
+        model_folder, out, overwrite, source, eval_request, lambda lm: check_merge_request(lm, cfg), progress
+    )
     merger = MergePass.from_stats(cfg, stats, lm.config)
     before = config_expert_count(lm.config)
     with StagingFolder(out, overwrite) as stage:
@@ -300,22 +312,11 @@ def merge_job(
         final = Path(out)
         result = JobResult(final, seconds, folder_bytes(stage.path), lm.checkpoint.total_bytes())
         result.details = {
-            "command": "merge",
-            "model": str(model_folder),
-            "out": str(final),
-            "method": cfg.method,
+            **_common_details("merge", model_folder, result, cfg.method, before, slots, stats, source, stats_seconds),
             "router": cfg.router,
             "router_mode": cfg.router_mode if cfg.router == "standard" else None,
             "group_counts": "per-layer" if cfg.uses_per_layer else "global threshold",
-            "experts_before": before,
-            "experts_after": slots,
             "groups_per_layer": {str(i): n for i, n in merger.group_counts.items()},
-            "statistics": _stats_description(stats, source),
-            "super_experts": [{"layer": s.layer, "expert": s.expert, "max_abs": s.max_abs} for s in stats.super_experts],
-            "stats_seconds": round(stats_seconds, 2),
-            "seconds": round(seconds, 2),
-            "input_bytes": result.input_bytes,
-            "output_bytes": result.output_bytes,
             "layers": {str(r.layer): r.groups for r in merger.report.layers},
         }
         result.details["eval"] = _evaluate_pair(model_folder, stage.path, eval_request)
