@@ -59,9 +59,73 @@ def _print_result(result, as_json: bool) -> None:
         console.print(f"perplexity {ev['ppl_before']:.4f} -> {ev['ppl_after']:.4f} ({100 * ev['change']:+.2f}%)", highlight=False)
 
 
-# Options shared by both commands (typer reads defaults from these calls).
+# Options shared by both commands (typer reads each default from a fresh call).
 def _stats_opt():
-    return typer.Option(None, "--stats", help="statistics folder from `moecompress stats` (skips calibration)")
+    return typer.Option(None, "--stats", help="statistics folder from `moecompress stats` (skips the statistics sweep)")
+
+
+def _calib_opt():
+    return typer.Option("mixed", help="calibration for the statistics (when no --stats) and the refit: "
+                                      "prose|code|math|multilingual|chat|mixed, a .txt/.jsonl file, a folder")
+
+
+def _nsamples_opt():
+    return typer.Option(64, help="calibration sequences")
+
+
+def _seqlen_opt():
+    return typer.Option(256, help="tokens per calibration sequence")
+
+
+def _seed_opt():
+    return typer.Option(0, help="seed for drawing calibration windows")
+
+
+def _batch_size_opt():
+    return typer.Option(8, help="sequences per forward")
+
+
+def _refit_opt():
+    return typer.Option(True, "--refit/--no-refit", help="re-solve the rebuilt experts' down projections to reproduce each "
+                        "original layer's routed output on the calibration set (moecompress's extension; --no-refit: the paper method alone)")
+
+
+def _refit_damp_opt():
+    return typer.Option(0.1, help="refit: ridge towards the pruned/merged weights, relative to the mean Gram diagonal")
+
+
+def _refit_sweeps_opt():
+    return typer.Option(2, help="refit: block-coordinate-descent sweeps over a layer's experts")
+
+
+def _eval_data_opt():
+    return typer.Option(None, "--eval-data", help="text file: perplexity before and after, in report.md")
+
+
+def _eval_seqlen_opt():
+    return typer.Option(256, help="chunk length for --eval-data")
+
+
+def _eval_max_tokens_opt():
+    return typer.Option(40000, help="first N tokens of --eval-data")
+
+
+def _overwrite_opt():
+    return typer.Option(False, "--overwrite", help="replace OUT if it exists")
+
+
+def _json_opt():
+    return typer.Option(False, "--json", help="print a JSON summary")
+
+
+def _refit(refit: bool, damp: float, sweeps: int):
+    from moecompress.passes.refit import RefitConfig
+
+    if not refit:
+        return None
+    cfg = RefitConfig(damp=damp, sweeps=sweeps)
+    cfg.validate()
+    return cfg
 
 
 def prune(
@@ -71,19 +135,22 @@ def prune(
     keep_ratio: float = typer.Option(None, "--keep-ratio", help="fraction of experts kept per layer, in (0, 1]"),
     num_experts: int = typer.Option(None, "--num-experts", help="experts kept per layer (instead of --keep-ratio)"),
     stats: Path = _stats_opt(),
-    calib: str = typer.Option("mixed", help="calibration when no --stats: prose|code|math|multilingual|chat|mixed, a .txt/.jsonl file, a folder"),
-    nsamples: int = typer.Option(64, help="calibration sequences"),
-    seqlen: int = typer.Option(256, help="tokens per calibration sequence"),
-    seed: int = typer.Option(0, help="seed for drawing calibration windows"),
-    batch_size: int = typer.Option(8, help="sequences per forward"),
+    calib: str = _calib_opt(),
+    nsamples: int = _nsamples_opt(),
+    seqlen: int = _seqlen_opt(),
+    seed: int = _seed_opt(),
+    batch_size: int = _batch_size_opt(),
+    refit: bool = _refit_opt(),
+    refit_damp: float = _refit_damp_opt(),
+    refit_sweeps: int = _refit_sweeps_opt(),
     similarity_threshold: float = typer.Option(0.6, help="DERN: a dropped neuron joins a kept expert above this cosine"),
     use_gate_in_similarity: bool = typer.Option(False, "--use-gate-in-similarity/--no-gate-in-similarity", help="DERN: include the gate row in neuron similarity"),
     protect_super_experts: bool = typer.Option(True, "--protect-super-experts/--no-protect-super-experts", help="never prune super experts"),
-    eval_data: Path = typer.Option(None, "--eval-data", help="text file: perplexity before and after, in report.md"),
-    eval_seqlen: int = typer.Option(256, help="chunk length for --eval-data"),
-    eval_max_tokens: int = typer.Option(40000, help="first N tokens of --eval-data"),
-    overwrite: bool = typer.Option(False, "--overwrite", help="replace OUT if it exists"),
-    as_json: bool = typer.Option(False, "--json", help="print a JSON summary"),
+    eval_data: Path = _eval_data_opt(),
+    eval_seqlen: int = _eval_seqlen_opt(),
+    eval_max_tokens: int = _eval_max_tokens_opt(),
+    overwrite: bool = _overwrite_opt(),
+    as_json: bool = _json_opt(),
 ) -> None:
     """Drop experts (frequency, REAP or DERN) and write the same architecture with fewer experts."""
     from moecompress.jobs_experts import prune_job
@@ -100,6 +167,7 @@ def prune(
         result, _ = prune_job(
             model, out, cfg, _source(stats, calib, nsamples, seqlen, seed, batch_size), overwrite=overwrite,
             eval_request=_eval(eval_data, eval_seqlen, eval_max_tokens), progress=update,
+            refit=_refit(refit, refit_damp, refit_sweeps),
         )
     _print_result(result, as_json)
 
@@ -112,18 +180,22 @@ def merge(
     router: str = typer.Option("standard", help="standard (E' router rows, smaller checkpoint) or exact (E slots share merged weights: exact routing, same size)"),
     router_mode: str = typer.Option(None, help="standard router rows: dominant, weighted or logsumexp_approx (needs a router bias)"),
     per_layer: bool = typer.Option(None, "--per-layer/--global", help="same group count in every layer, or MC-SMoE's global frequency threshold (default: per-layer for standard, global for exact)"),
+    dominance: str = typer.Option("frequency", help="which experts dominate the groups: frequency (M-SMoE) or reap (REAP saliency)"),
     stats: Path = _stats_opt(),
-    calib: str = typer.Option("mixed", help="calibration when no --stats: prose|code|math|multilingual|chat|mixed, a .txt/.jsonl file, a folder"),
-    nsamples: int = typer.Option(64, help="calibration sequences"),
-    seqlen: int = typer.Option(256, help="tokens per calibration sequence"),
-    seed: int = typer.Option(0, help="seed for drawing calibration windows"),
-    batch_size: int = typer.Option(8, help="sequences per forward"),
+    calib: str = _calib_opt(),
+    nsamples: int = _nsamples_opt(),
+    seqlen: int = _seqlen_opt(),
+    seed: int = _seed_opt(),
+    batch_size: int = _batch_size_opt(),
+    refit: bool = _refit_opt(),
+    refit_damp: float = _refit_damp_opt(),
+    refit_sweeps: int = _refit_sweeps_opt(),
     protect_super_experts: bool = typer.Option(True, "--protect-super-experts/--no-protect-super-experts", help="super experts stay singleton groups"),
-    eval_data: Path = typer.Option(None, "--eval-data", help="text file: perplexity before and after, in report.md"),
-    eval_seqlen: int = typer.Option(256, help="chunk length for --eval-data"),
-    eval_max_tokens: int = typer.Option(40000, help="first N tokens of --eval-data"),
-    overwrite: bool = typer.Option(False, "--overwrite", help="replace OUT if it exists"),
-    as_json: bool = typer.Option(False, "--json", help="print a JSON summary"),
+    eval_data: Path = _eval_data_opt(),
+    eval_seqlen: int = _eval_seqlen_opt(),
+    eval_max_tokens: int = _eval_max_tokens_opt(),
+    overwrite: bool = _overwrite_opt(),
+    as_json: bool = _json_opt(),
 ) -> None:
     """Merge experts (M-SMoE) and write a standard checkpoint."""
     from moecompress.jobs_experts import merge_job
@@ -132,7 +204,7 @@ def merge(
     quiet_transformers()
     cfg = MergeConfig(
         num_experts=num_experts, method=method, router=router, router_mode=router_mode or DEFAULT_ROUTER_MODE,
-        per_layer=per_layer, protect_super_experts=protect_super_experts,
+        per_layer=per_layer, protect_super_experts=protect_super_experts, dominance=dominance,
     )
     cfg.validate()
     bar, update = _progress()
@@ -140,6 +212,7 @@ def merge(
         result, _ = merge_job(
             model, out, cfg, _source(stats, calib, nsamples, seqlen, seed, batch_size), overwrite=overwrite,
             eval_request=_eval(eval_data, eval_seqlen, eval_max_tokens), progress=update,
+            refit=_refit(refit, refit_damp, refit_sweeps),
         )
     _print_result(result, as_json)
 

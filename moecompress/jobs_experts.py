@@ -15,8 +15,12 @@ Order of work (everything that can be refused is refused before calibration star
    per-expert names; then the outer weights, the config with the new expert count, the tokenizer,
    ``kept_experts.json`` and ``report.md``, all in a staging folder renamed into place at the end.
 
-The rewrite sweep needs no calibration data (the statistics hold everything), so it is driven by a
-single 8-token dummy batch.
+Without ``refit`` the rewrite sweep needs no calibration data (the statistics hold everything), so
+it is driven by a single 8-token dummy batch. With ``refit`` (:mod:`moecompress.passes.refit`) the
+calibration set (``StatsSource``'s calib / nsamples / seqlen / seed, also when statistics come from
+``--stats``) flows through the rewrite sweep: each rebuilt layer's down projections are re-solved
+against the original layer's routed output on the tokens it sees, which come from the already
+rebuilt layers before it (sequential, as GPTQ).
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ from moecompress.model.driver import LayerContext, run_layerwise
 from moecompress.model.loading import LayerwiseModel
 from moecompress.passes.merge import MergeConfig, MergePass
 from moecompress.passes.prune import PruneConfig, PrunePass
+from moecompress.passes.refit import RefitConfig, RefitPass
 
 log = logging.getLogger(__name__)
 
@@ -127,15 +132,21 @@ def check_stats_match(stats: RouterStats, lm: LayerwiseModel) -> None:
             raise MoeCompressError(f"layer {i}: the statistics saw no calibration token; collect them again")
 
 
-def _rewrite(lm: LayerwiseModel, model_folder: Path, stage_path: Path, layer_pass, config, progress: Progress | None) -> CheckpointWriter:
-    """The rewrite sweep: each decoder layer through ``layer_pass``, written as it finishes."""
+def _rewrite(lm: LayerwiseModel, model_folder: Path, stage_path: Path, passes: list, config, progress: Progress | None,
+             calibration: torch.Tensor | None = None, batch_size: int = 8) -> CheckpointWriter:
+    """The rewrite sweep: each decoder layer through ``passes``, written as it finishes.
+
+    ``calibration [n, L]`` token ids drive the sweep when a pass needs activations (refit); otherwise
+    an 8-token dummy batch does (the statistics carry the calibration).
+    """
     writer = CheckpointWriter(stage_path, lm.model, lm.checkpoint_dtype)
 
     def write_layer(ctx: LayerContext) -> None:
         writer.write_module(f"{lm.view.layers_name}.{ctx.index}", ctx.layer, f"layer-{ctx.index:05d}.safetensors")
 
-    dummy = torch.zeros(1, 8, dtype=torch.long)  # drives the sweep; the statistics carry the calibration
-    run_layerwise(lm, dummy, [layer_pass], batch_size=1, on_layer_done=write_layer, progress=progress)
+    if calibration is None:
+        calibration, batch_size = torch.zeros(1, 8, dtype=torch.long), 1
+    run_layerwise(lm, calibration, passes, batch_size=batch_size, on_layer_done=write_layer, progress=progress)
     lm.load_outer()
     writer.write_tensors(outer_state(lm.model, lm.view.layers_name), "outer.safetensors")
     lm.release_outer()
@@ -159,6 +170,26 @@ def _evaluate_pair(model_folder: Path, out: Path, request: EvalRequest | None) -
         "ppl_before": before.ppl,
         "ppl_after": after.ppl,
         "change": after.ppl / before.ppl - 1.0,
+    }
+
+
+def _refit_passes(refit: RefitConfig | None, model_folder: Path, source: StatsSource, shared_slots=None):
+    """(extra passes, calibration ids) for the rewrite sweep: none without refit."""
+    if refit is None:
+        return [], None
+    calib, _ = calibration_for(model_folder, source.calib, source.nsamples, source.seqlen, source.seed)
+    return [RefitPass(refit, shared_slots)], calib.input_ids
+
+
+def _refit_details(refit: RefitConfig | None, passes: list, source: StatsSource) -> dict | None:
+    if refit is None:
+        return None
+    records = passes[0].records
+    return {
+        "damp": refit.damp,
+        "sweeps": refit.sweeps,
+        "calibration": {"source": source.calib, "nsamples": source.nsamples, "seqlen": source.seqlen, "seed": source.seed},
+        "layers": {str(r.layer): {"before": r.relative_error_before, "after": r.relative_error_after} for r in records},
     }
 
 
@@ -225,16 +256,24 @@ def prune_job(
     overwrite: bool = False,
     eval_request: EvalRequest | None = None,
     progress: Progress | None = None,
+    refit: RefitConfig | None = None,
 ) -> tuple[JobResult, PrunePass]:
-    """Prune a model folder into a standard checkpoint at ``out`` (plus kept_experts.json, report.md)."""
+    """Prune a model folder into a standard checkpoint at ``out`` (plus kept_experts.json, report.md).
+
+    ``refit``: re-solve the kept experts' down projections on calibration data (see the module doc).
+    """
     model_folder = Path(model_folder)
+    if refit is not None:
+        refit.validate()
     lm, target, stats, stats_seconds, start = _open_job(
         model_folder, out, overwrite, source, eval_request, lambda lm: check_prune_request(lm, cfg), progress
     )
     pruner = PrunePass.from_stats(cfg, stats, lm.config)
+    refitters, calibration = _refit_passes(refit, model_folder, source)
     before = config_expert_count(lm.config)
     with StagingFolder(out, overwrite) as stage:
-        _rewrite(lm, model_folder, stage.path, pruner, with_expert_count(lm.config, target), progress)
+        _rewrite(lm, model_folder, stage.path, [pruner, *refitters], with_expert_count(lm.config, target), progress,
+                 calibration, source.batch_size)
         record = kept_experts_record(
             cfg.method, before, target, pruner.report.kept_map(),
             protected={str(i): p for i, p in pruner.protected.items() if p},
@@ -254,6 +293,7 @@ def prune_job(
                 ),
             },
             "layers": {str(r.layer): r.kept for r in pruner.report.layers},
+            "refit": _refit_details(refit, refitters, source),
         }
         result.details["eval"] = _evaluate_pair(model_folder, stage.path, eval_request)
         write_prune_report(stage.path / "report.md", result.details, pruner)
@@ -290,16 +330,25 @@ def merge_job(
     overwrite: bool = False,
     eval_request: EvalRequest | None = None,
     progress: Progress | None = None,
+    refit: RefitConfig | None = None,
 ) -> tuple[JobResult, MergePass]:
-    """Merge a model folder's experts into a standard checkpoint at ``out`` (M-SMoE)."""
+    """Merge a model folder's experts into a standard checkpoint at ``out`` (M-SMoE).
+
+    ``refit``: re-solve the merged experts' down projections on calibration data (see the module doc).
+    """
     model_folder = Path(model_folder)
+    if refit is not None:
+        refit.validate()
     lm, slots, stats, stats_seconds, start = _open_job(
         model_folder, out, overwrite, source, eval_request, lambda lm: check_merge_request(lm, cfg), progress
     )
     merger = MergePass.from_stats(cfg, stats, lm.config)
+    shared = merger.groups_of if cfg.router == "exact" else None  # exact: a group's slots share one expert
+    refitters, calibration = _refit_passes(refit, model_folder, source, shared)
     before = config_expert_count(lm.config)
     with StagingFolder(out, overwrite) as stage:
-        _rewrite(lm, model_folder, stage.path, merger, with_expert_count(lm.config, slots), progress)
+        _rewrite(lm, model_folder, stage.path, [merger, *refitters], with_expert_count(lm.config, slots), progress,
+                 calibration, source.batch_size)
         record = kept_experts_record(
             cfg.method, before, slots, merger.report.groups_map(),
             router=cfg.router,
@@ -314,10 +363,12 @@ def merge_job(
         result.details = {
             **_common_details("merge", model_folder, result, cfg.method, before, slots, stats, source, stats_seconds),
             "router": cfg.router,
+            "dominance": cfg.dominance,
             "router_mode": cfg.router_mode if cfg.router == "standard" else None,
             "group_counts": "per-layer" if cfg.uses_per_layer else "global threshold",
             "groups_per_layer": {str(i): n for i, n in merger.group_counts.items()},
             "layers": {str(r.layer): r.groups for r in merger.report.layers},
+            "refit": _refit_details(refit, refitters, source),
         }
         result.details["eval"] = _evaluate_pair(model_folder, stage.path, eval_request)
         write_merge_report(stage.path / "report.md", result.details, merger)
@@ -340,6 +391,7 @@ def _summary_rows(d: dict) -> list[tuple[str, str]]:
         ("experts per MoE layer", f"{d['experts_before']} -> {d['experts_after']}"),
         ("statistics", source + " (first sweep over the original model)"),
         ("super experts (protected)", ", ".join(f"layer {s['layer']} expert {s['expert']}" for s in d["super_experts"]) or "none"),
+        ("output refit", "on (see the section below)" if d.get("refit") else "off (the method alone)"),
         ("checkpoint size", f"{d['input_bytes'] / 2**20:.2f} MiB -> {d['output_bytes'] / 2**20:.2f} MiB "
                             f"({100 * (d['output_bytes'] / d['input_bytes'] - 1):+.1f}%)"),
         ("time", f"{d['seconds']:.1f} s (statistics {d['stats_seconds']:.1f} s)"),
@@ -350,6 +402,22 @@ def _summary_rows(d: dict) -> list[tuple[str, str]]:
         rows.append(("perplexity", f"{ev['ppl_before']:.4f} -> {ev['ppl_after']:.4f} ({100 * ev['change']:+.2f}%) on "
                                    f"{ev['data']} ({ev['tokens']} tokens, {ev['seqlen']}-token chunks)"))
     return rows
+
+
+def _refit_section(details: dict) -> tuple[str, str] | None:
+    """Report section for the output refit (None when it was off)."""
+    from moecompress.report import markdown_table
+
+    refit = details.get("refit")
+    if not refit:
+        return None
+    c = refit["calibration"]
+    rows = [[layer, v["before"], v["after"]] for layer, v in refit["layers"].items()]
+    body = (f"Down projections re-solved to reproduce each original layer's routed output on {c['source']} "
+            f"{c['nsamples']} x {c['seqlen']} tokens (seed {c['seed']}); ridge damp {refit['damp']}, {refit['sweeps']} sweeps. "
+            "Error: ||y - y_hat||^2 / ||y||^2 of the routed output on those tokens, before and after.\n\n"
+            + markdown_table(["layer", "relative error before", "after"], rows))
+    return ("Output refit", body)
 
 
 def _ids(ids) -> str:
@@ -383,6 +451,8 @@ def write_prune_report(path: Path, details: dict, pruner: PrunePass) -> Path:
         [[r.layer] + r.scores for r in pruner.report.layers],
     )
     sections = [("Summary", summary), ("Experts kept per layer", per_layer), ("All scores", scores)]
+    if (refit := _refit_section(details)) is not None:
+        sections.append(refit)
     sections.append(("Files", "`kept_experts.json` maps each decoder layer to the original expert id behind each new "
                               "expert slot (slot r = list entry r). The checkpoint loads with plain transformers."))
     return write_markdown(path, sections, title=f"moecompress prune ({details['method']})")
@@ -393,7 +463,9 @@ def write_merge_report(path: Path, details: dict, merger: MergePass) -> Path:
 
     summary_rows = _summary_rows(details)
     summary_rows.insert(3, ("router", f"{details['router']}" + (f" ({details['router_mode']} rows)" if details["router_mode"] else "")))
-    summary_rows.insert(4, ("group counts", f"{details['group_counts']}: " + ", ".join(
+    summary_rows.insert(4, ("dominant experts", "most used (M-SMoE)" if details.get("dominance", "frequency") == "frequency"
+                            else "highest REAP saliency"))
+    summary_rows.insert(5, ("group counts", f"{details['group_counts']}: " + ", ".join(
         f"layer {i}: {n}" for i, n in details["groups_per_layer"].items())))
     rows = []
     for r in merger.report.layers:
@@ -406,5 +478,8 @@ def write_merge_report(path: Path, details: dict, merger: MergePass) -> Path:
             + ("Standard router: new expert slot g is group g." if details["router"] == "standard" else
                "Exact router: every original expert slot stays and holds its group's merged expert, so the routing is "
                "exactly MC-SMoE's expert -> group map; distinct weights are reduced but the file is not smaller."))
-    sections = [("Summary", markdown_table(["", ""], summary_rows)), ("Groups per layer", per_layer), ("Files", note)]
+    sections = [("Summary", markdown_table(["", ""], summary_rows)), ("Groups per layer", per_layer)]
+    if (refit := _refit_section(details)) is not None:
+        sections.append(refit)
+    sections.append(("Files", note))
     return write_markdown(path, sections, title=f"moecompress merge ({details['method']}, {details['router']} router)")

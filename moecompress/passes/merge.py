@@ -50,12 +50,15 @@ from moecompress.errors import MoeCompressError
 from moecompress.export.standard import resize_experts, routing_groups, set_router_rows
 from moecompress.model.driver import LayerContext
 from moecompress.model.view import MoEBlockView
-from moecompress.passes.prune import ExpertStack, protected_experts, read_experts, write_expert
+from moecompress.passes.prune import ExpertStack, layer_scores, protected_experts, read_experts, write_expert
 
 log = logging.getLogger(__name__)
 
 METHODS = ("msmoe",)
 ROUTERS = ("standard", "exact")
+# Which experts dominate a group: M-SMoE's usage frequency, or REAP saliency (our option: the score
+# that prunes best on the testbed). Merge weights are usage frequencies either way.
+DOMINANCE = ("frequency", "reap")
 # Measured on the testbed at 8 of 16 experts (reports/experts.md, benchmarks/experts_quality.py):
 # geometric-mean held-out perplexity 38.81 with the dominant member's row vs 39.27 with the
 # frequency-weighted mean row (original 33.97); logsumexp_approx needs a router bias the testbed lacks.
@@ -76,6 +79,7 @@ class MergeConfig:
     router_mode: str = DEFAULT_ROUTER_MODE
     per_layer: bool | None = None
     protect_super_experts: bool = True
+    dominance: str = "frequency"
 
     @property
     def uses_per_layer(self) -> bool:
@@ -88,6 +92,8 @@ class MergeConfig:
             raise MoeCompressError(f"unknown --router {self.router!r}; choose standard or exact")
         if self.router_mode not in ROUTER_MODES:
             raise MoeCompressError(f"unknown --router-mode {self.router_mode!r}; choose one of {', '.join(ROUTER_MODES)}")
+        if self.dominance not in DOMINANCE:
+            raise MoeCompressError(f"unknown --dominance {self.dominance!r}; choose one of {', '.join(DOMINANCE)}")
         if self.num_experts is None or self.num_experts < 1:
             raise MoeCompressError(f"--num-experts {self.num_experts} must be at least 1")
         if self.router == "standard" and not self.uses_per_layer:
@@ -235,6 +241,10 @@ class MergePass:
     def attach(self, ctx: LayerContext) -> list:
         return []
 
+    def groups_of(self, layer: int) -> list[list[int]] | None:
+        """The groups this pass formed in ``layer`` (first member dominant), None before it ran there."""
+        return next((r.groups for r in self.report.layers if r.layer == layer), None)
+
     def process(self, ctx: LayerContext) -> bool:
         block = ctx.block
         if block is None:
@@ -250,7 +260,8 @@ class MergePass:
         freq = stats.frequency.to(torch.float32)
         sim = stats.router_similarity
         protected = list(self.protected.get(ctx.index, []))
-        groups = group_in_routing_groups(freq, sim, self.group_counts[ctx.index], protected, self.n_group)
+        dominance = freq if self.cfg.dominance == "frequency" else layer_scores("reap", stats).to(torch.float32)
+        groups = group_in_routing_groups(dominance, sim, self.group_counts[ctx.index], protected, self.n_group)
         merge_block(block, groups, freq, self.cfg.router, self.cfg.router_mode)
         self.report.layers.append(
             LayerMergeReport(ctx.index, stats.num_experts, groups, freq.tolist(), protected, mean_group_similarity(groups, sim))

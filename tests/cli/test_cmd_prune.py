@@ -58,6 +58,10 @@ def test_prune_with_stats_writes_checkpoint_record_and_report(models, tmp_path):
     assert record["layers"] == summary["layers"] and all(len(v) == 2 for v in record["layers"].values())
     report = (out / "report.md").read_text()
     assert "Experts kept per layer" in report and "REAP saliency" in report
+    # the refit is on by default: its per-layer errors are in the summary and the report
+    assert summary["refit"]["damp"] == 0.1 and summary["refit"]["layers"]
+    assert all(v["after"] <= max(v["before"], 1e-9) for v in summary["refit"]["layers"].values())
+    assert "Output refit" in report
     assert AutoModelForCausalLM.from_pretrained(str(out)).config.num_experts == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pruned"], "no staging folder may remain"
     _one_line_error(_run("prune", models / "qwen2_moe", out, "--keep-ratio", 0.5, "--stats", models / "qwen2_moe-stats"),
@@ -92,6 +96,11 @@ def test_merge_standard_and_exact(models, tmp_path):
     assert record["router"] == "exact"
     assert all(sorted(e for g in groups for e in g) == [0, 1, 2, 3] for groups in record["layers"].values())
     assert "Exact router" in (tmp_path / "exact" / "report.md").read_text()
+    plain = _run("merge", models / "qwen2_moe", tmp_path / "plain", "--num-experts", 2, "--stats", stats, "--no-refit",
+                 "--dominance", "reap", "--json")
+    assert plain.exit_code == 0, plain.output
+    assert json.loads(plain.stdout)["refit"] is None
+    assert "Output refit" not in (tmp_path / "plain" / "report.md").read_text()
 
 
 def test_calibration_without_tokenizer_is_refused(tmp_path):
@@ -112,6 +121,9 @@ def test_calibration_without_tokenizer_is_refused(tmp_path):
         (["merge", "{m}", "{o}", "--num-experts", "2", "--method", "hcsmoe", "--stats", "{s}"], "unknown merging method"),
         (["merge", "{m}", "{o}", "--num-experts", "2", "--global", "--stats", "{s}"], "same expert count in every layer"),
         (["merge", "{m}", "{o}", "--num-experts", "2", "--router-mode", "logsumexp_approx", "--stats", "{s}"], "needs a router bias"),
+        (["merge", "{m}", "{o}", "--num-experts", "2", "--dominance", "size", "--stats", "{s}"], "unknown --dominance"),
+        (["prune", "{m}", "{o}", "--num-experts", "2", "--refit-damp", "0", "--stats", "{s}"], "--refit-damp must be positive"),
+        (["merge", "{m}", "{o}", "--num-experts", "2", "--refit-sweeps", "0", "--stats", "{s}"], "--refit-sweeps must be at least 1"),
         (["prune", "{d}", "{o}", "--num-experts", "5", "--stats", "{ds}"], "routing groups"),
         (["merge", "{d}", "{o}", "--num-experts", "3", "--stats", "{ds}"], "routing groups"),
         (["prune", "{m}", "{o}", "--keep-ratio", "0.5", "--stats", "{ds}"], "collect statistics on this model"),

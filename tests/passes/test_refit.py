@@ -1,0 +1,90 @@
+"""Refit pass: after pruning/merging, the routed-output error drops, only down projections move,
+exact-merge slots stay shared, and the jobs write the refit into the report."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moecompress.calibration.sources import CalibrationSet
+from moecompress.calibration.stats import collect_stats
+from moecompress.errors import MoeCompressError
+from moecompress.jobs_experts import StatsSource, merge_job
+from moecompress.model.driver import run_layerwise
+from moecompress.model.loading import LayerwiseModel
+from moecompress.model.tiny import save_tiny_model
+from moecompress.passes.merge import MergeConfig, MergePass
+from moecompress.passes.prune import PruneConfig, PrunePass
+from moecompress.passes.refit import RefitConfig, RefitPass
+
+IDS = torch.randint(3, 256, (8, 32), generator=torch.Generator().manual_seed(2))
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("refit")
+    folders = {}
+    for family in ("qwen3_moe", "gpt_oss"):
+        save_tiny_model(family, root / family)
+        stats = collect_stats(LayerwiseModel(root / family), CalibrationSet(IDS, None, "random"), batch_size=4)
+        folders[family] = (root / family, stats)
+    return folders
+
+
+def _sweep(folder, layer_pass, refit: RefitPass | None):
+    """Run the pass (then the refit) over IDS; returns each MoE layer's expert tensors after the sweep."""
+    lm = LayerwiseModel(folder)
+    kept: dict[int, dict[str, torch.Tensor]] = {}
+
+    def grab(ctx):
+        if ctx.block is not None:
+            kept[ctx.index] = {n: p.detach().clone() for n, p in ctx.block.experts.module.named_parameters()}
+
+    run_layerwise(lm, IDS, [layer_pass] + ([refit] if refit else []), batch_size=4, on_layer_done=grab)
+    return kept
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss"])
+def test_refit_after_pruning_lowers_error_and_moves_only_down(tiny, family):
+    folder, stats = tiny[family]
+    cfg = PruneConfig(method="frequency", num_experts=2)
+    refit = RefitPass(RefitConfig(damp=0.01))
+    plain = _sweep(folder, PrunePass.from_stats(cfg, stats, LayerwiseModel(folder).config), None)
+    refitted = _sweep(folder, PrunePass.from_stats(cfg, stats, LayerwiseModel(folder).config), refit)
+    assert [r.layer for r in refit.records] == sorted(plain)
+    for r in refit.records:  # a layer the pruning did not change (error ~0) may stay at ~0
+        assert r.relative_error_after <= max(r.relative_error_before, 1e-9), r
+    assert any(r.relative_error_after < 0.9 * r.relative_error_before for r in refit.records)
+    moved = False
+    for layer in plain:
+        for name, before in plain[layer].items():
+            after = refitted[layer][name]
+            if name == "down_proj":
+                moved = moved or not torch.equal(before, after)
+            else:  # gate/up, biases: pruning decided them, the refit leaves them alone
+                assert torch.equal(before, after), (layer, name)
+    assert moved
+
+
+def test_refit_keeps_exact_merge_slots_shared(tiny):
+    folder, stats = tiny["qwen3_moe"]
+    config = LayerwiseModel(folder).config
+    merger = MergePass.from_stats(MergeConfig(2, router="exact", per_layer=True), stats, config)
+    refit = RefitPass(RefitConfig(damp=0.01), shared_slots=merger.groups_of)
+    experts = _sweep(folder, merger, refit)
+    for r in refit.records:
+        assert r.relative_error_after < r.relative_error_before
+    for layer, params in experts.items():
+        for members in merger.groups_of(layer):
+            for e in members[1:]:
+                assert torch.equal(params["down_proj"][e], params["down_proj"][members[0]])
+                assert torch.equal(params["gate_up_proj"][e], params["gate_up_proj"][members[0]])
+
+
+def test_bad_refit_options_are_refused_before_any_work(tiny, tmp_path):
+    folder, _ = tiny["qwen3_moe"]
+    with pytest.raises(MoeCompressError, match="--refit-damp"):
+        merge_job(folder, tmp_path / "out", MergeConfig(2), StatsSource(), refit=RefitConfig(damp=0.0))
+    with pytest.raises(MoeCompressError, match="--refit-sweeps"):
+        merge_job(folder, tmp_path / "out", MergeConfig(2), StatsSource(), refit=RefitConfig(sweeps=0))
+    assert not (tmp_path / "out").exists()
