@@ -249,50 +249,44 @@ which has no bias. `msmoe-exact`: all 16 router rows and expert slots kept, memb
 the merged weights (routing weights of selected experts in the same group add up — MC-SMoE's exact
 form); the same number of DISTINCT experts as the other rows, but the file is not smaller.
 `msmoe-exact-global`: the same with MC-SMoE's global frequency threshold (N groups per layer on
-average, more in layers with flatter routing)."""
+average, more in layers with flatter routing). `+refit`: the same followed by the output refit (the
+CLI default; calibration: the statistics' set, mixed 64 x 256, seed 0). `-reapdom`: M-SMoE with the
+highest-REAP-saliency experts as dominants (`--dominance reap`)."""
 
 
 FINDINGS = """\
-Written from the run recorded above (numbers quoted from its tables).
+Written from the run recorded above (numbers quoted from its tables). `+refit` = the CLI default:
+after the method, each rebuilt layer's down projections are re-solved by ridge least squares to
+reproduce the original layer's routed output on the calibration tokens
+(`moecompress/algorithms/refit.py`); without the suffix = the paper's method alone (`--no-refit`).
 
-- **12 of 16**: every method is within 0.2% of the original: each layer has 2-4 experts that the
-  calibration set almost never routes to (the testbed was trained with a light load-balancing loss),
-  and dropping them is free. Frequency, REAP and DERN keep nearly the same experts.
-- **8 of 16**: REAP is clearly best (+4.1%; llm-compressor's REAP on the same model: +7.9%). DERN
-  (+10.3%) beats frequency pruning (+11.2%) only slightly; M-SMoE loses to frequency pruning with every
-  router (dominant rows +14.2%, weighted rows +15.6%, exact +15.0%).
-- **4 of 16**: DERN is best (+70.8%), ahead of M-SMoE exact (+78.5%), frequency (+80.2%) and REAP
-  (+92.1%): with only 4 experts left, covering the tokens (DERN's importance is router-weight mass)
-  matters more than REAP's output-magnitude saliency. M-SMoE with a standard router (+89.7%) loses
-  to frequency pruning.
-- **Why DERN is close to frequency pruning here**: at the paper's similarity threshold 0.6 almost no
-  neuron of a dropped expert finds a similar enough neuron in a kept one (2 of 12,288 at 8 of 16; the
-  mean best cosine is about 0.26 — this small model's experts are not redundant at the neuron level),
-  so DERN reduces to pruning by router-weighted importance. Lowering the threshold recombines more
-  neurons and is worse every time (threshold 0.4: 134 neurons merged, +16.0%; 0.2: 10,958 merged,
-  +64.0%): averaging dissimilar neurons damages the kept experts. DERN's quality here comes from its
-  importance score, not from the recombination.
-- **Why M-SMoE loses to pruning here**: `msmoe-dominant` keeps exactly the experts frequency pruning
-  keeps (the dominant experts are the most frequent ones) and routes like it (the dominant's router
-  row); the only difference is the frequency-weighted averaging of the other members into them, and
-  it costs about 1 perplexity point at 8 of 16. The members are not similar to their dominant expert
-  (router-logit cosine 0.34 on average at 8 of 16, 0.09 at 4 of 16; at the neuron level the best
-  cosine between a dropped and a kept expert's neurons averages 0.26, see DERN above), so averaging
-  blurs the dominant expert instead of combining two similar ones. The exact router (members keep routing to the merged expert) helps only
-  at 4 of 16. This matches the literature: retraining-free M-SMoE on Mixtral 8 -> 4 scores 42.49 vs
-  DERN's 70.79 (ALGORITHMS.md section 6); MC-SMoE fine-tunes after merging.
-- **MC-SMoE's global threshold** (exact router, 8 groups per layer on average: 7, 10, 8, 8, 7, 8) is
-  worse than the same count in every layer (+20.9% vs +15.0%).
-- **Router rows for the standard export**: `dominant` beat `weighted` at 8 of 16 (+14.2% vs +15.6%),
-  so it is the default (`--router-mode`). `logsumexp_approx` needs a router bias; the testbed's
-  `qwen3_moe` router has none.
-- **Goals**: DERN beats frequency pruning at every ratio (by a hair at 12 of 16). M-SMoE does **not**:
-  it loses at 12 and 8 of 16 with every router and beats frequency only at 4 of 16 with the exact
-  router. At 8 of 16 the best method is our REAP (+4.1%), which beats llm-compressor's REAP (+7.9%),
-  but neither DERN nor M-SMoE beats REAP there. Tried: both storable router constructions, the exact
-  router, MC-SMoE's global threshold, DERN similarity thresholds 0.6 / 0.4 / 0.2 — none closes the
-  gap, because on this model any averaging of dissimilar weights (neurons for DERN, experts for
-  M-SMoE) costs more than it preserves."""
+- **The refit is the largest single improvement**: at 8 of 16 it takes frequency pruning from +19.2%
+  to +10.1%, REAP from +4.1% to **+2.2%** (the best storable method; llm-compressor's REAP: +7.9%),
+  DERN from +10.3% to +7.2%, M-SMoE (standard router) from +21.8% to +10.9%; at 4 of 16 it cuts the
+  damage by 2-3x for every method (frequency +70.4% -> +27.2%, DERN +106.9% -> +24.3%). It costs one
+  calibration sweep through the rewrite (about 15-50 s here, single thread, shared machine).
+- **12 of 16**: every method is within 0.2% of the original (2-4 experts per layer are almost never
+  routed to); the differences between methods (0.02-0.15%) are at the level of noise.
+- **DERN vs frequency**: with the refit DERN beats frequency pruning at every ratio (12: +0.03% vs
+  +0.08%; 8: +7.2% vs +10.1%; 4: +24.3% vs +27.2%). Without it DERN wins at 12 and 8 but loses at 4
+  (+106.9% vs +70.4%): DERN's importance score keeps different experts than frequency, and at 4 of
+  16 they cover the tokens worse. DERN recombines almost no neuron at its threshold 0.6 (2 of 12,288
+  at 8 of 16; mean best cosine about 0.25 — this model's experts are not redundant at the neuron level).
+- **M-SMoE vs frequency**: the exact router (every member keeps routing to its group's merged expert)
+  beats frequency pruning at 8 and 4 of 16, with and without the refit (+8.1% vs +10.1% and +24.4%
+  vs +27.2% refitted), and MC-SMoE's global threshold is the best retraining-free variant at 4 of 16
+  without refit (+58.3%). It loses at 12 of 16 by 0.05 points. The standard router (E' rows, a
+  smaller file) loses to frequency pruning like for like at every ratio: with the dominant's row it
+  routes exactly like frequency pruning and only adds the averaging of dissimilar members (router
+  cosine to the dominant 0.34 at 8 of 16, 0.10 at 4 of 16), which blurs the dominant expert. With the
+  refit it still beats PLAIN frequency pruning at 8 and 4 of 16.
+- **REAP-dominant M-SMoE** (`--dominance reap`, our option): +4.8% at 8 of 16 with the refit (vs
+  +10.9% with M-SMoE's frequency dominance) but worse at 4 of 16 (+40.9%); REAP's saliency picks
+  better survivors at moderate ratios and worse ones when only 4 remain (REAP alone: +92.1% at 4).
+- **Goals**: the best method at 8 of 16 (REAP + refit, +2.2%) beats REAP (+4.1% ours, +7.9%
+  llm-compressor's). DERN beats frequency at every ratio with the default refit. M-SMoE meets the goal
+  only with the exact router at 8 and 4 of 16; at 12 of 16 (0.05 points) and with the standard
+  router it does not."""
 
 
 def main() -> None:
