@@ -33,10 +33,11 @@ METHODS = {
     "gptq-w4": ("GPTQ 4-bit g128, calibrate-all + AGQ", "quantize {model} {out} --bits 4 " + " ".join(CALIB)),
     "gptq-w3": ("GPTQ 3-bit g128, calibrate-all + AGQ", "quantize {model} {out} --bits 3 " + " ".join(CALIB)),
     "mixed-2.5": ("LP mixed precision, 2.5 bits avg, global", "quantize {model} {out} --bits-budget 2.5 --stats {stats} " + " ".join(CALIB)),
-    "prune-reap-12": ("REAP pruning, 12 of 16", "prune {model} {out} --method reap --num-experts 12 --stats {stats}"),
-    "prune-dern-8": ("DERN pruning, 8 of 16", "prune {model} {out} --method dern --num-experts 8 --stats {stats}"),
-    "prune-reap-8": ("REAP pruning, 8 of 16", "prune {model} {out} --method reap --num-experts 8 --stats {stats}"),
-    "merge-msmoe-8": ("M-SMoE merging, 8 of 16", "merge {model} {out} --method msmoe --num-experts 8 --stats {stats}"),
+    "prune-reap-12": ("REAP pruning + refit, 12 of 16", "prune {model} {out} --method reap --num-experts 12 --stats {stats}"),
+    "prune-dern-8": ("DERN pruning + refit, 8 of 16", "prune {model} {out} --method dern --num-experts 8 --stats {stats}"),
+    "prune-reap-8": ("REAP pruning + refit, 8 of 16", "prune {model} {out} --method reap --num-experts 8 --stats {stats}"),
+    "prune-reap-8-norefit": ("REAP pruning alone (--no-refit), 8 of 16", "prune {model} {out} --method reap --num-experts 8 --no-refit --stats {stats}"),
+    "merge-msmoe-8": ("M-SMoE merging + refit, 8 of 16", "merge {model} {out} --method msmoe --num-experts 8 --stats {stats}"),
     "dynamic-skip": ("MC-MoE dynamic skipping", "compress-experts {model} {out} --n-ce 0 --dynamic-skip " + " ".join(CALIB)),
 }
 

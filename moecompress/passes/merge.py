@@ -6,7 +6,7 @@ Per MoE layer (``MergePass.process``):
    threshold chosen so the layers hold about ``N`` groups on average
    (:func:`~moecompress.algorithms.merging.global_group_counts`, computed once for the model);
 2. grouping (:func:`~moecompress.algorithms.merging.group_experts`): the most frequently selected
-   experts dominate, every other expert joins the dominant one whose router-logit column is most
+   experts dominate (``dominance="reap"``, our option: the highest REAP saliency instead), every other expert joins the dominant one whose router-logit column is most
    cosine-similar over the calibration tokens; super experts stay singleton groups;
 3. merging (:func:`~moecompress.algorithms.merging.merge_experts`): every member's neurons aligned to
    the dominant expert (Hungarian weight matching), then a frequency-weighted average (gate/up
