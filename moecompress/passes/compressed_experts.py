@@ -28,7 +28,14 @@ original block.
 Fitting (retraining-free): everything frozen but ``ces``; per layer, through the driver, the block input
 and the ORIGINAL block output are recorded in the observation forward, then Adam fits ``ces`` to the
 MSE between the original and the compressed block outputs; 10% of the tokens are held back to report the
-error before and after.
+error before and after. The layers are fitted in order and each layer's input comes from the already
+compressed previous layers (the driver feeds a finished layer's outputs to the next), so a layer's fit
+sees the drift of the earlier ones; its target is the original block applied to that same input.
+
+Optional end-to-end distillation (``distill_steps > 0``, ``distill_ces.py``): after the layer-wise fit,
+all layers' ``ces`` are trained jointly on KL(original model || compressed model) over the calibration
+tokens. Unlike the layer-wise pass it holds the whole model in float32 (see that module for the memory
+figure); the job refuses up front when the estimate exceeds the available memory.
 
 Shape legend: T tokens, E experts, H hidden size, I expert intermediate size, k top-k,
 m = k - n_ce main experts, c = n_ce auxiliary experts.
@@ -522,6 +529,10 @@ class CompressExpertsConfig:
     dynamic_skip: bool = False
     protect_tokens: float = 0.0  # fraction of tokens (largest ||h||_1) never skipped
     seed: int = 0
+    distill_steps: int = 0  # end-to-end Adam steps on all layers' ces after the layer-wise fit (0: none)
+    distill_lr: float = 1e-2
+    distill_batch_size: int = 8  # calibration sequences per distillation step
+    distill_top_k: int = 1024  # teacher tokens kept per position (the rest is one tail bucket)
 
     def validate(self) -> None:
         if self.n_ce < 0:
@@ -536,6 +547,16 @@ class CompressExpertsConfig:
             raise MoeCompressError(f"the held-back fraction must be in [0, 1), got {self.holdout_fraction}")
         if not 0 <= self.protect_tokens < 1:
             raise MoeCompressError(f"--protect-tokens must be in [0, 1), got {self.protect_tokens}")
+        if self.distill_steps < 0:
+            raise MoeCompressError(f"--distill-steps must be >= 0, got {self.distill_steps}")
+        if not self.distill_lr > 0:
+            raise MoeCompressError(f"--distill-lr must be > 0, got {self.distill_lr}")
+        if self.distill_batch_size < 1:
+            raise MoeCompressError(f"--distill-batch-size must be >= 1, got {self.distill_batch_size}")
+        if self.distill_top_k < 1:
+            raise MoeCompressError(f"--distill-top-k must be >= 1, got {self.distill_top_k}")
+        if self.distill_steps > 0 and self.n_ce == 0:
+            raise MoeCompressError("--distill-steps needs compressed experts (--n-ce >= 1): with n_ce = 0 there is nothing to train")
 
     def check_top_k(self, top_k: int, where: str = "the model") -> None:
         if self.n_ce >= top_k:
@@ -637,6 +658,7 @@ class CompressExpertsPass:
         self.layers_name = layers_name
         self.storage_dtype = storage_dtype
         self.records: list[LayerFitRecord] = []
+        self.distill = None  # DistillRecord of the end-to-end step, when it ran
         self.modules: dict[str, dict] = {}
         self._x: list[torch.Tensor] = []
         self._y: list[torch.Tensor] = []
@@ -752,6 +774,60 @@ def model_top_k(model_folder: str | Path) -> int:
     return min(b.top_k for b in lm.view.blocks.values())
 
 
+def check_distill_memory(lm, cfg: CompressExpertsConfig, seqlen: int) -> None:
+    """Refuse (before any work) an end-to-end distillation whose rough peak exceeds the available memory."""
+    from moecompress.passes.distill_ces import available_memory_bytes, estimate_distill_bytes
+
+    if cfg.distill_steps == 0:
+        return
+    available = available_memory_bytes()
+    if available is None:
+        return
+    c = lm.config
+    blocks = list(lm.view.blocks.values())
+    model_bytes = sum(p.numel() * 4 for p in lm.model.parameters()) + sum(b.numel() * b.element_size() for b in lm.model.buffers())
+    need = estimate_distill_bytes(
+        model_bytes, cfg.distill_batch_size * seqlen, len(blocks), c.hidden_size,
+        max(b.experts.intermediate_size for b in blocks), max(b.top_k for b in blocks),
+        getattr(c, "num_attention_heads", 1), seqlen, c.vocab_size,
+    )
+    if need > available:
+        raise MoeCompressError(
+            f"--distill-steps holds the whole model in float32 plus one batch's activations (~{need / 2**30:.1f} GiB) but only "
+            f"{available / 2**30:.1f} GiB is available; lower --distill-batch-size or run without --distill-steps"
+        )
+
+
+def _distill_staged(model_folder, staged: Path, writer, input_ids: torch.Tensor, cfg: CompressExpertsConfig, storage: torch.dtype, batch_size: int):
+    """End-to-end distillation of the staged checkpoint's ``ces``; rewrites the shards holding them. Returns the record."""
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM
+
+    from moecompress.passes.distill_ces import compute_teacher_targets, distill_ces
+
+    # Teacher first, released before the student loads: one full model in memory at a time.
+    teacher = AutoModelForCausalLM.from_pretrained(str(model_folder), dtype=torch.float32)
+    targets = compute_teacher_targets(teacher, input_ids, cfg.distill_top_k, batch_size)
+    del teacher
+    student = AutoModelForCausalLM.from_pretrained(str(staged), dtype=torch.float32)
+    record = distill_ces(
+        student, input_ids, targets, cfg.distill_steps, cfg.distill_lr, cfg.distill_batch_size, cfg.seed,
+        cfg.holdout_fraction, storage,
+    )
+    trained = {name: p.detach() for name, p in student.named_parameters() if name.endswith(".ces")}
+    by_shard: dict[str, list[str]] = {}
+    for name in trained:
+        if name not in writer.weight_map:
+            raise MoeCompressError(f"tensor {name} is not in the staged checkpoint; this is a bug in moecompress")
+        by_shard.setdefault(writer.weight_map[name], []).append(name)
+    for shard, names in by_shard.items():
+        tensors = load_file(str(staged / shard))
+        for name in names:
+            tensors[name] = trained[name].to(tensors[name].dtype).contiguous()
+        save_file(tensors, str(staged / shard), metadata={"format": "pt"})
+    return record
+
+
 def compress_experts_job(
     model_folder: str | Path,
     out: str | Path,
@@ -766,7 +842,13 @@ def compress_experts_job(
 
     Writes a native checkpoint at ``out``: the source's tensors unchanged plus ``<block>.ces``, and
     ``quantization_config.modules`` = the source's packed modules + one ``compressed_experts_block``
-    entry per MoE block. Returns (JobResult, the pass with its per-layer records).
+    entry per MoE block. Returns (JobResult, the pass with its per-layer records and, when
+    ``cfg.distill_steps > 0``, ``cpass.distill``).
+
+    The layer-wise pass holds one decoder layer at a time. ``cfg.distill_steps > 0`` adds the end-to-end
+    distillation of ``ces`` (``distill_ces.py``), which loads the WHOLE model in float32 (the source as
+    teacher once, then the compressed model as student) plus one batch of activations; refused up
+    front (one-line error) when that rough estimate exceeds the available memory.
     """
     import moecompress
     from moecompress.export.writer import CheckpointWriter, StagingFolder, outer_state, prepare_output
@@ -787,6 +869,7 @@ def compress_experts_job(
     if source_q is not None:
         # The skeleton is built without our quantizer: swap in the packed modules before any layer loads.
         replace_modules(lm.model, source_q.get("modules", {}), lm.dtype)
+    check_distill_memory(lm, cfg, input_ids.shape[-1])
     storage = lm.checkpoint_dtype
     cpass = CompressExpertsPass(cfg, lm.view.layers_name, storage)
     with StagingFolder(out, overwrite) as stage:
@@ -821,6 +904,8 @@ def compress_experts_job(
         config.quantization_config = qconfig.to_dict()
         config.dtype = storage
         writer.finish(config, Path(model_folder))
+        if cfg.distill_steps > 0:
+            cpass.distill = _distill_staged(model_folder, stage.path, writer, input_ids, cfg, storage, batch_size)
         final = stage.commit()
     return JobResult(final, time.time() - start, writer.total_bytes, lm.checkpoint.total_bytes()), cpass
 
@@ -851,6 +936,21 @@ def write_compress_report(path: str | Path, summary: dict, records: list[LayerFi
         for name, r in s["eval"].items():
             lines.append(f"| {name} | {r['ppl']:.4f} | {r['tokens']} |")
         lines.append("")
+    d = s.get("distill")
+    if d:
+        lines += [
+            "## End-to-end distillation of ces",
+            "",
+            f"{d['steps']} Adam steps, lr {d['lr']}, {d['batch_sequences']} sequences per step, all layers' `ces` trained jointly "
+            f"(everything else frozen) on KL(original || compressed) over the teacher's top-{d['top_k']} tokens + tail; "
+            f"{d['train_sequences']} calibration sequences trained, {d['heldout_sequences']} held back; {d['seconds']:.1f}s.",
+            "",
+            "| mean KL per token | before | after |",
+            "|---|---|---|",
+            f"| trained sequences | {d['kl_train_before']:.5f} | {d['kl_train_after']:.5f} |",
+            f"| held-back sequences | {d['kl_heldout_before']:.5f} | {d['kl_heldout_after']:.5f} |",
+            "",
+        ]
     lines += [
         "## Per layer (block output MSE against the original block; held-back = 10% of calibration tokens never fitted)",
         "",

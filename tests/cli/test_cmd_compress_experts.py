@@ -60,8 +60,10 @@ def test_writes_checkpoint_report_and_json(model_dir, calib_file, tmp_path):
     assert summary["n_ce"] == 1 and summary["top_k"] == 2 and summary["dynamic_skip"]
     assert summary["active_params_after"] < summary["active_params_before"]
     assert [entry["layer"] for entry in summary["layers"]] == [0, 1, 2]
+    assert summary["distill"] is None
     report = (out / "report.md").read_text()
     assert "held-back" in report and "active" in report
+    assert "End-to-end distillation" not in report
     modules = json.loads((out / "config.json").read_text())["quantization_config"]["modules"]
     assert all(m["type"] == "compressed_experts_block" and m["n_ce"] == 1 and m["beta"] is not None for m in modules.values())
     # OUT exists now: refused without --overwrite.
@@ -76,6 +78,8 @@ def test_writes_checkpoint_report_and_json(model_dir, calib_file, tmp_path):
         (("--n-ce", -1), "--n-ce must be >= 0"),
         (("--fit-steps", -3), "--fit-steps must be >= 0"),
         (("--lr", 0), "--lr must be > 0"),
+        (("--distill-steps", -1), "--distill-steps must be >= 0"),
+        (("--distill-lr", 0), "--distill-lr must be > 0"),
     ],
 )
 def test_bad_input_is_one_line_exit_2(model_dir, calib_file, tmp_path, args, message):
@@ -86,3 +90,13 @@ def test_bad_input_is_one_line_exit_2(model_dir, calib_file, tmp_path, args, mes
 
 def test_missing_model_is_one_line_exit_2(tmp_path):
     assert "does not exist" in _one_line_error(_run(tmp_path / "nope", tmp_path / "out"))
+
+
+def test_distill_steps_runs_and_reports_kl(model_dir, calib_file, tmp_path):
+    out = tmp_path / "out"
+    result = _run(model_dir, out, "--calib", calib_file, "--nsamples", 4, "--seqlen", 16, "--fit-steps", 2,
+                  "--distill-steps", 3, "--distill-batch-size", 2, "--json")
+    assert result.exit_code == 0, result.output
+    d = json.loads(result.stdout)["distill"]
+    assert d["steps"] == 3 and len(d["losses"]) == 3 and d["heldout_sequences"] == 1
+    assert "End-to-end distillation" in (out / "report.md").read_text()
