@@ -41,7 +41,7 @@ DEFAULT_TESTBED = REPO.parent / "shared" / "testbed"
 DEFAULT_VARIANTS = (
     "frequency", "reap", "dern", "msmoe-dominant", "msmoe-weighted", "msmoe-exact", "msmoe-exact-global",
     "frequency+refit", "reap+refit", "dern+refit", "msmoe-dominant+refit", "msmoe-exact+refit",
-    "msmoe-dominant-reapdom+refit",
+    "msmoe-dominant-reapdom+refit", "msmoe-fitted+refit",
 )
 REAP_LLMCOMPRESSOR_8_OF_16 = 0.079  # llm-compressor's REAP at 8 of 16 on the testbed (+7.9% perplexity)
 
@@ -251,7 +251,9 @@ form); the same number of DISTINCT experts as the other rows, but the file is no
 `msmoe-exact-global`: the same with MC-SMoE's global frequency threshold (N groups per layer on
 average, more in layers with flatter routing). `+refit`: the same followed by the output refit (the
 CLI default; calibration: the statistics' set, mixed 64 x 256, seed 0). `-reapdom`: M-SMoE with the
-highest-REAP-saliency experts as dominants (`--dominance reap`)."""
+highest-REAP-saliency experts as dominants (`--dominance reap`). `msmoe-fitted`: standard router whose
+E' rows are fitted (L-BFGS, calibration router inputs) to the exact per-group routing mass
+(`--router-mode fitted`)."""
 
 
 FINDINGS = """\

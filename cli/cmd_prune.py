@@ -178,7 +178,7 @@ def merge(
     num_experts: int = typer.Option(..., "--num-experts", help="merged experts per layer (the average over layers with the global threshold)"),
     method: str = typer.Option("msmoe", help="msmoe (M-SMoE: align, group by router similarity, frequency-weighted merge)"),
     router: str = typer.Option("standard", help="standard (E' router rows, smaller checkpoint) or exact (E slots share merged weights: exact routing, same size)"),
-    router_mode: str = typer.Option(None, help="standard router rows: dominant, weighted or logsumexp_approx (needs a router bias)"),
+    router_mode: str = typer.Option(None, help="standard router rows: dominant, weighted, logsumexp_approx (needs a router bias) or fitted (fitted on calibration to the exact per-group routing mass; bias-free softmax routers)"),
     per_layer: bool = typer.Option(None, "--per-layer/--global", help="same group count in every layer, or MC-SMoE's global frequency threshold (default: per-layer for standard, global for exact)"),
     dominance: str = typer.Option("frequency", help="which experts dominate the groups: frequency (M-SMoE) or reap (REAP saliency)"),
     stats: Path = _stats_opt(),

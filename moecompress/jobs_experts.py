@@ -48,7 +48,7 @@ from moecompress.export.writer import CheckpointWriter, StagingFolder, outer_sta
 from moecompress.jobs import JobResult, calibration_for
 from moecompress.model.driver import LayerContext, run_layerwise
 from moecompress.model.loading import LayerwiseModel
-from moecompress.passes.merge import MergeConfig, MergePass
+from moecompress.passes.merge import MergeConfig, MergePass, check_fittable_router
 from moecompress.passes.prune import PruneConfig, PrunePass
 from moecompress.passes.refit import RefitConfig, RefitPass
 
@@ -173,12 +173,15 @@ def _evaluate_pair(model_folder: Path, out: Path, request: EvalRequest | None) -
     }
 
 
-def _refit_passes(refit: RefitConfig | None, model_folder: Path, source: StatsSource, shared_slots=None):
-    """(extra passes, calibration ids) for the rewrite sweep: none without refit."""
-    if refit is None:
-        return [], None
-    calib, _ = calibration_for(model_folder, source.calib, source.nsamples, source.seqlen, source.seed)
-    return [RefitPass(refit, shared_slots)], calib.input_ids
+def _refit_passes(refit: RefitConfig | None, model_folder: Path, source: StatsSource, shared_slots=None,
+                  need_calibration: bool = False):
+    """(extra passes, calibration ids) for the rewrite sweep: none without refit, and calibration ids
+    only when a pass needs activations (refit, fitted router rows)."""
+    calibration = None
+    if refit is not None or need_calibration:
+        calib, _ = calibration_for(model_folder, source.calib, source.nsamples, source.seqlen, source.seed)
+        calibration = calib.input_ids
+    return ([RefitPass(refit, shared_slots)] if refit is not None else []), calibration
 
 
 def _refit_details(refit: RefitConfig | None, passes: list, source: StatsSource) -> dict | None:
@@ -313,7 +316,10 @@ def check_merge_request(lm: LayerwiseModel, cfg: MergeConfig) -> int:
     if cfg.router == "exact":
         return num  # every slot stays; members share their group's merged weights
     check_expert_count(lm.config, cfg.num_experts)
-    router = next(iter(lm.view.blocks.values())).router
+    block = next(iter(lm.view.blocks.values()))
+    router = block.router
+    if cfg.router_mode == "fitted":
+        check_fittable_router(block)
     if cfg.router_mode == "logsumexp_approx" and router.bias is None:
         raise MoeCompressError(
             f"--router-mode logsumexp_approx needs a router bias, which {type(router.module).__name__} has not; "
@@ -344,7 +350,7 @@ def merge_job(
     )
     merger = MergePass.from_stats(cfg, stats, lm.config)
     shared = merger.groups_of if cfg.router == "exact" else None  # exact: a group's slots share one expert
-    refitters, calibration = _refit_passes(refit, model_folder, source, shared)
+    refitters, calibration = _refit_passes(refit, model_folder, source, shared, cfg.needs_activations)
     before = config_expert_count(lm.config)
     with StagingFolder(out, overwrite) as stage:
         _rewrite(lm, model_folder, stage.path, [merger, *refitters], with_expert_count(lm.config, slots), progress,
@@ -470,10 +476,18 @@ def write_merge_report(path: Path, details: dict, merger: MergePass) -> Path:
     rows = []
     for r in merger.report.layers:
         groups = "; ".join(f"{g[0]}" + (f" <- {_ids(g[1:])}" if len(g) > 1 else "") for g in r.groups)
-        rows.append([r.layer, len(r.groups), groups, r.mean_similarity if r.mean_similarity is not None else "-", _ids(r.protected)])
+        row = [r.layer, len(r.groups), groups, r.mean_similarity if r.mean_similarity is not None else "-", _ids(r.protected)]
+        if r.router_fit is not None:
+            row.append(f"{r.router_fit[0]:.4f} -> {r.router_fit[1]:.4f}")
+        rows.append(row)
+    headers = ["layer", "groups", "groups (original ids)", "mean similarity", "protected"]
+    fitted = any(r.router_fit is not None for r in merger.report.layers)
+    if fitted:
+        headers.append("router KL to exact grouping (nats/token)")
     per_layer = ("Groups as `dominant <- merged members`; similarity: mean cosine of the members' router-logit columns "
-                 "to their dominant expert's over the calibration tokens.\n\n"
-                 + markdown_table(["layer", "groups", "groups (original ids)", "mean similarity", "protected"], rows))
+                 "to their dominant expert's over the calibration tokens."
+                 + (" Fitted router rows: KL from the exact per-group routing mass, dominant rows -> fitted rows."
+                    if fitted else "") + "\n\n" + markdown_table(headers, rows))
     note = ("`kept_experts.json` lists each layer's groups (first member dominant). "
             + ("Standard router: new expert slot g is group g." if details["router"] == "standard" else
                "Exact router: every original expert slot stays and holds its group's merged expert, so the routing is "

@@ -340,3 +340,59 @@ def merged_router_rows(
         return new_rows, None
     like = router_weight if router_bias is None else router_bias
     return new_rows, torch.stack(biases).to(device=like.device, dtype=like.dtype)
+
+
+def grouped_router_probabilities(logits: torch.Tensor, groups: Sequence[Sequence[int]]) -> torch.Tensor:
+    """Softmax router probabilities summed per group: logits ``[T, E]`` -> ``[T, E']``.
+
+    The probability mass the exact expert -> group map gives each group before top-k.
+    """
+    probs = logits.to(torch.float64).softmax(dim=-1)
+    return torch.stack([probs[:, list(members)].sum(dim=-1) for members in groups], dim=-1)
+
+
+def fit_group_router_rows(
+    x: torch.Tensor,
+    router_weight: torch.Tensor,
+    groups: Sequence[Sequence[int]],
+    init_rows: torch.Tensor,
+    iterations: int = 100,
+) -> tuple[torch.Tensor, float, float]:
+    """E' router rows whose softmax best matches the original router's per-group mass on ``x``.
+
+    x ``[T, H]`` router inputs from calibration; router_weight ``[E, H]`` (a bias-free softmax
+    router); init_rows ``[E', H]`` the starting rows (e.g. the dominant members'). Minimises the
+    cross-entropy ``- sum_t sum_g P_g(t) log softmax(x W'^T)_g(t)`` with ``P = grouped_router_probabilities``,
+    i.e. the KL from the exact group routing, by full-batch L-BFGS (deterministic; float64).
+    The logsumexp bound of ``merged_router_rows`` is the closed-form approximation of the same target;
+    this fits it on the tokens the model actually sees. Returns (rows ``[E', H]`` in the router's
+    dtype, KL before, KL after) — KL in nats per token.
+    """
+    if x.ndim != 2 or x.shape[1] != router_weight.shape[1] or init_rows.shape != (len(groups), router_weight.shape[1]):
+        raise MoeCompressError(
+            f"fit_group_router_rows: x {tuple(x.shape)}, router {tuple(router_weight.shape)}, "
+            f"init rows {tuple(init_rows.shape)} for {len(groups)} groups do not match"
+        )
+    xs = x.detach().to(torch.float64)
+    target = grouped_router_probabilities(xs @ router_weight.detach().to(torch.float64).T, groups)  # [T, E']
+    entropy = -(target * target.clamp_min(1e-300).log()).sum(dim=-1).mean()
+    rows = init_rows.detach().to(torch.float64).clone().requires_grad_(True)
+
+    def kl() -> torch.Tensor:
+        return -(target * (xs @ rows.T).log_softmax(dim=-1)).sum(dim=-1).mean() - entropy
+
+    with torch.no_grad():
+        before = float(kl())
+    opt = torch.optim.LBFGS([rows], lr=1.0, max_iter=iterations, history_size=20, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = kl()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    with torch.no_grad():
+        after = float(kl())
+    return rows.detach().to(device=router_weight.device, dtype=router_weight.dtype), before, after

@@ -40,6 +40,7 @@ import torch
 from moecompress.algorithms.merging import (
     ROUTER_MODES,
     expert_to_group,
+    fit_group_router_rows,
     global_group_counts,
     group_experts,
     merge_experts,
@@ -59,6 +60,10 @@ ROUTERS = ("standard", "exact")
 # Which experts dominate a group: M-SMoE's usage frequency, or REAP saliency (our option: the score
 # that prunes best on the testbed). Merge weights are usage frequencies either way.
 DOMINANCE = ("frequency", "reap")
+# "fitted": rows fitted on calibration router inputs to the exact per-group routing mass
+# (fit_group_router_rows); needs the calibration set to flow through the rewrite sweep.
+STANDARD_ROUTER_MODES = ROUTER_MODES + ("fitted",)
+FITTED_SCORINGS = ("softmax", "topk_softmax")
 # Measured on the testbed at 8 of 16 experts (reports/experts.md, benchmarks/experts_quality.py):
 # geometric-mean held-out perplexity 38.81 with the dominant member's row vs 39.27 with the
 # frequency-weighted mean row (original 33.97); logsumexp_approx needs a router bias the testbed lacks.
@@ -82,6 +87,11 @@ class MergeConfig:
     dominance: str = "frequency"
 
     @property
+    def needs_activations(self) -> bool:
+        """True when merging itself needs calibration activations (fitted router rows)."""
+        return self.router == "standard" and self.router_mode == "fitted"
+
+    @property
     def uses_per_layer(self) -> bool:
         return self.router == "standard" if self.per_layer is None else bool(self.per_layer)
 
@@ -90,8 +100,8 @@ class MergeConfig:
             raise MoeCompressError(f"unknown merging method {self.method!r}; choose one of {', '.join(METHODS)}")
         if self.router not in ROUTERS:
             raise MoeCompressError(f"unknown --router {self.router!r}; choose standard or exact")
-        if self.router_mode not in ROUTER_MODES:
-            raise MoeCompressError(f"unknown --router-mode {self.router_mode!r}; choose one of {', '.join(ROUTER_MODES)}")
+        if self.router_mode not in STANDARD_ROUTER_MODES:
+            raise MoeCompressError(f"unknown --router-mode {self.router_mode!r}; choose one of {', '.join(STANDARD_ROUTER_MODES)}")
         if self.dominance not in DOMINANCE:
             raise MoeCompressError(f"unknown --dominance {self.dominance!r}; choose one of {', '.join(DOMINANCE)}")
         if self.num_experts is None or self.num_experts < 1:
@@ -155,11 +165,14 @@ def merge_block(
     freq: torch.Tensor,
     router: str = "standard",
     router_mode: str = DEFAULT_ROUTER_MODE,
-) -> None:
+    router_inputs: torch.Tensor | None = None,
+) -> tuple[float, float] | None:
     """Merge ``block``'s experts by ``groups`` (first member dominant), ``freq [E]`` weighting members.
 
     ``standard``: the block gets E' = len(groups) experts and router rows; ``exact``: E slots stay and
-    every member's slot holds its group's merged expert (router untouched).
+    every member's slot holds its group's merged expert (router untouched). ``router_mode="fitted"``
+    fits the rows on ``router_inputs [T, H]`` starting from the dominant rows and returns the KL
+    (nats/token) from the exact group routing before/after the fit; otherwise returns None.
     """
     num = block.num_experts
     expert_to_group(groups, num)  # validates the partition
@@ -185,13 +198,33 @@ def merge_block(
             for e in members:
                 write_expert(block.experts, e, merged, g)
         return
-    rows, bias = merged_router_rows(
-        block.router.weight.detach(), groups, freq, router_mode, router_bias=block.router.bias
-    )
+    fit = None
+    if router_mode == "fitted":
+        check_fittable_router(block)
+        if router_inputs is None or router_inputs.numel() == 0:
+            raise MoeCompressError("--router-mode fitted needs calibration router inputs; none were recorded")
+        rows, _ = merged_router_rows(block.router.weight.detach(), groups, freq, "dominant")
+        rows, kl_before, kl_after = fit_group_router_rows(router_inputs, block.router.weight.detach(), groups, rows)
+        bias, fit = None, (kl_before, kl_after)
+    else:
+        rows, bias = merged_router_rows(
+            block.router.weight.detach(), groups, freq, router_mode, router_bias=block.router.bias
+        )
     resize_experts(block, [members[0] for members in groups])
     for g in range(len(groups)):
         write_expert(block.experts, g, merged, g)
     set_router_rows(block, rows, bias)
+    return fit
+
+
+def check_fittable_router(block: MoEBlockView) -> None:
+    """Fitted rows model a bias-free softmax router; refuse others with one line."""
+    router = block.router
+    if router.scoring not in FITTED_SCORINGS or router.bias is not None or router.e_score_correction_bias is not None:
+        raise MoeCompressError(
+            f"--router-mode fitted needs a bias-free softmax router; {type(router.module).__name__} is not one "
+            "(use dominant or weighted)"
+        )
 
 
 @dataclass
@@ -202,6 +235,7 @@ class LayerMergeReport:
     frequency: list[float]
     protected: list[int]
     mean_similarity: float | None
+    router_fit: tuple[float, float] | None = None  # KL (nats/token) from exact group routing, before/after
 
 
 @dataclass
@@ -230,6 +264,7 @@ class MergePass:
         self.protected = protected or {}
         self.n_group = n_group if cfg.router == "standard" else 1  # exact keeps every routing group intact
         self.report = MergeReport()
+        self._router_inputs: list[torch.Tensor] = []
 
     @classmethod
     def from_stats(cls, cfg: MergeConfig, stats: RouterStats, config) -> "MergePass":
@@ -239,7 +274,16 @@ class MergePass:
         return cls(cfg, stats.layers, counts, protected, routing_groups(config)[0])
 
     def attach(self, ctx: LayerContext) -> list:
-        return []
+        self._router_inputs = []
+        if ctx.block is None or not self.cfg.needs_activations:
+            return []
+        hidden_size = ctx.block.router.weight.shape[1]
+
+        def record(_module, args, kwargs):
+            hidden = args[0] if args else next(iter(kwargs.values()))
+            self._router_inputs.append(hidden.detach().reshape(-1, hidden_size).float())
+
+        return [ctx.block.router.module.register_forward_pre_hook(record, with_kwargs=True)]
 
     def groups_of(self, layer: int) -> list[list[int]] | None:
         """The groups this pass formed in ``layer`` (first member dominant), None before it ran there."""
@@ -262,9 +306,12 @@ class MergePass:
         protected = list(self.protected.get(ctx.index, []))
         dominance = freq if self.cfg.dominance == "frequency" else layer_scores("reap", stats).to(torch.float32)
         groups = group_in_routing_groups(dominance, sim, self.group_counts[ctx.index], protected, self.n_group)
-        merge_block(block, groups, freq, self.cfg.router, self.cfg.router_mode)
+        inputs = torch.cat(self._router_inputs) if self._router_inputs else None
+        self._router_inputs = []
+        fit = merge_block(block, groups, freq, self.cfg.router, self.cfg.router_mode, inputs)
         self.report.layers.append(
-            LayerMergeReport(ctx.index, stats.num_experts, groups, freq.tolist(), protected, mean_group_similarity(groups, sim))
+            LayerMergeReport(ctx.index, stats.num_experts, groups, freq.tolist(), protected,
+                             mean_group_similarity(groups, sim), fit)
         )
         log.info("layer %d: %d experts -> %d groups", ctx.index, stats.num_experts, len(groups))
         return True

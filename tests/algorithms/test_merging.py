@@ -229,3 +229,20 @@ def test_logsumexp_router_is_exact_for_identical_rows():
     assert torch.allclose(group_logit, exact, atol=1e-5)
     # The softmax mass of the merged group equals the summed mass of its members.
     assert torch.allclose(group_logit.softmax(1)[:, 0], (x @ weight.T).softmax(1)[:, [0, 2]].sum(1), atol=1e-5)
+
+
+def test_fitted_group_router_rows_lower_the_kl_to_exact_group_routing():
+    from moecompress.algorithms.merging import fit_group_router_rows, grouped_router_probabilities
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(400, 6, generator=g)
+    weight = torch.randn(5, 6, generator=g)
+    groups = [[0, 3], [1], [2, 4]]
+    init, _ = merged_router_rows(weight, groups, torch.ones(5), "dominant")
+    rows, before, after = fit_group_router_rows(x, weight, groups, init)
+    assert rows.shape == (3, 6) and after < 0.5 * before
+    probs = grouped_router_probabilities(x.double() @ weight.double().T, groups)
+    torch.testing.assert_close(probs.sum(-1), torch.ones(400, dtype=torch.float64))
+    # a singleton-only grouping is matched exactly by the original rows
+    same, b0, a0 = fit_group_router_rows(x, weight, [[e] for e in range(5)], weight.clone())
+    assert b0 < 1e-12 and a0 < 1e-12 and torch.allclose(same, weight)

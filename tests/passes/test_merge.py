@@ -17,6 +17,8 @@ from moecompress.model.tiny import build_tiny_model, save_tiny_model
 from moecompress.model.view import describe_model
 from moecompress.passes.merge import (
     MergeConfig,
+    MergePass,
+    check_fittable_router,
     group_in_routing_groups,
     layer_group_counts,
     merge_block,
@@ -161,3 +163,21 @@ def test_logsumexp_rows_need_a_router_bias():
     block = describe_model(model).blocks[0]
     with pytest.raises(MoeCompressError, match="needs a router bias"):
         merge_block(block, [[0, 1], [2, 3]], torch.ones(4), "standard", "logsumexp_approx")
+
+
+def test_fitted_router_rows_are_recorded_and_sigmoid_routers_refused(tmp_path):
+    from moecompress.model.driver import run_layerwise
+    from moecompress.model.tiny import TINY_CONFIGS
+
+    save_tiny_model("qwen3_moe", tmp_path / "model")
+    stats = _stats(tmp_path / "model", tmp_path / "stats")
+    lm = LayerwiseModel(tmp_path / "model")
+    merger = MergePass.from_stats(MergeConfig(2, router_mode="fitted"), stats, lm.config)
+    run_layerwise(lm, IDS, [merger], batch_size=4)
+    for r in merger.report.layers:
+        assert r.router_fit is not None and r.router_fit[1] < r.router_fit[0]
+    sigmoid = next(f for f in ("deepseek_v3", "glm4_moe") if f in TINY_CONFIGS)
+    save_tiny_model(sigmoid, tmp_path / "sig")
+    block = next(iter(LayerwiseModel(tmp_path / "sig").view.blocks.values()))
+    with pytest.raises(MoeCompressError, match="bias-free softmax router"):
+        check_fittable_router(block)
