@@ -285,6 +285,12 @@ reproduce the original layer's routed output on the calibration tokens
 - **REAP-dominant M-SMoE** (`--dominance reap`, our option): +4.8% at 8 of 16 with the refit (vs
   +10.9% with M-SMoE's frequency dominance) but worse at 4 of 16 (+40.9%); REAP's saliency picks
   better survivors at moderate ratios and worse ones when only 4 remain (REAP alone: +92.1% at 4).
+- **Fitted router rows** (`--router-mode fitted`: the E' rows fitted to the exact per-group routing
+  mass on the calibration tokens): better than the dominant's row at 8 and 4 of 16 with the refit
+  (+10.3% vs +10.9%, +27.8% vs +29.2%) but worse at 12 of 16 (+0.68% vs +0.14%): the fit moves every
+  row, also the rows of experts that were not merged, towards the calibration set's routing — and
+  the built-in calibration text is far from the testbed's own (its perplexity there is ~900 vs ~34
+  on the held-out files). Still short of frequency + refit, so `dominant` stays the default.
 - **Goals**: the best method at 8 of 16 (REAP + refit, +2.2%) beats REAP (+4.1% ours, +7.9%
   llm-compressor's). DERN beats frequency at every ratio with the default refit. M-SMoE meets the goal
   only with the exact router at 8 and 4 of 16; at 12 of 16 (0.05 points) and with the standard
