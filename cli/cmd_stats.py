@@ -17,13 +17,12 @@ from rich.table import Table
 from moecompress.cli.common import console, print_json, quiet_transformers, user_errors
 from moecompress.errors import MoeCompressError
 
-SELF_SOURCE = "self"
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
 
 
 def stats(
     model: Path = typer.Argument(..., help="model folder (save_pretrained layout)"),
-    calib: str = typer.Option(..., "--calib", help="calibration: prose|code|math|multilingual|chat|mixed|self, a .txt/.jsonl file or a folder"),
+    calib: str = typer.Option(..., "--calib", help="calibration: prose|code|math|multilingual|chat|mixed|self|sample, a .txt/.jsonl file or a folder"),
     out: Path = typer.Option(..., "--out", help="output folder (must not exist unless --overwrite)"),
     nsamples: int = typer.Option(64, help="calibration sequences"),
     seqlen: int = typer.Option(256, help="tokens per sequence"),
@@ -79,17 +78,18 @@ def _check_out(out: Path, overwrite: bool) -> None:
 
 def _calibration(model: Path, source: str, nsamples: int, seqlen: int, seed: int, config):
     """The calibration set: text through the model's tokenizer, or EBSS samples from the model itself."""
-    from moecompress.calibration.sources import load_calibration
+    from moecompress.calibration.sources import MODEL_SOURCES, load_calibration
 
     max_positions = getattr(config, "max_position_embeddings", None)
-    tokenizer = _tokenizer(model, required=source != SELF_SOURCE)
+    tokenizer = _tokenizer(model, required=source not in MODEL_SOURCES)
     generator = None
-    if source == SELF_SOURCE:
+    if source in MODEL_SOURCES:
         from moecompress.model.loading import LayerwiseModel
 
-        with console.status("loading the model for self-sampling (EBSS)"):
+        with console.status(f"loading the model to generate calibration text ({source})"):
             generator = LayerwiseModel(model).load_full()
-        console.print(f"generating {nsamples} x {seqlen} tokens with EBSS (slow on CPU) ...")
+        what = "EBSS (slow on CPU)" if source == "self" else "sampling at temperature 1"
+        console.print(f"generating {nsamples} x {seqlen} tokens with {what} ...")
     try:
         return load_calibration(source, tokenizer, nsamples, seqlen, seed=seed, model=generator, max_positions=max_positions)
     finally:
@@ -106,7 +106,7 @@ def _tokenizer(model: Path, required: bool):
         if required:
             raise MoeCompressError(
                 f"{model} has no tokenizer ({', '.join(_TOKENIZER_FILES[:2])}); save the tokenizer into the model "
-                "folder or use --calib self"
+                "folder or use --calib self or --calib sample"
             )
         return None
     try:

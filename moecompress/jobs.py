@@ -101,17 +101,21 @@ def calibration_for(
     model_folder: str | Path, source: str, nsamples: int, seqlen: int, seed: int = 0
 ):
     """Calibration windows for a model folder: its tokenizer for text sources, the model for ``self``."""
-    from moecompress.calibration.sources import load_calibration
+    from moecompress.calibration.sources import MODEL_SOURCES, load_calibration
     from moecompress.model.loading import read_config
 
     config = read_config(model_folder)
     max_pos = getattr(config, "max_position_embeddings", None)
     tokenizer, model = None, None
-    if source == "self":
+    if source in MODEL_SOURCES:
         from transformers import AutoModelForCausalLM
 
-        # EBSS generates with the whole model; it is the one step that is not layer by layer.
+        # EBSS / sampling generate with the whole model: the one step that is not layer by layer.
         model = AutoModelForCausalLM.from_pretrained(str(model_folder), dtype=torch.float32).eval()
+        if (Path(model_folder) / "tokenizer.json").is_file() or (Path(model_folder) / "tokenizer_config.json").is_file():
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(str(model_folder))  # only to keep special tokens out
     else:
         from transformers import AutoTokenizer
 
@@ -119,7 +123,7 @@ def calibration_for(
             tokenizer = AutoTokenizer.from_pretrained(str(model_folder))
         except (OSError, ValueError) as exc:
             raise MoeCompressError(
-                f"{model_folder} has no tokenizer, needed to tokenize calibration text; copy the tokenizer files or use --calib self"
+                f"{model_folder} has no tokenizer, needed to tokenize calibration text; copy the tokenizer files or use --calib self or --calib sample"
             ) from exc
     calib = load_calibration(source, tokenizer, nsamples, seqlen, seed=seed, model=model, max_positions=max_pos)
     description = {"source": calib.source, "nsamples": nsamples, "seqlen": seqlen, "seed": seed}

@@ -34,6 +34,7 @@ from typing import Callable
 import torch
 
 import moecompress
+from moecompress.calibration.sources import MODEL_SOURCES
 from moecompress.calibration.stats import RouterStats, collect_stats
 from moecompress.errors import MoeCompressError
 from moecompress.export.standard import (
@@ -102,11 +103,11 @@ def load_or_collect_stats(model_folder: str | Path, lm: LayerwiseModel, source: 
         stats = RouterStats.load(source.stats_dir)
     else:
         has_tokenizer = any((Path(model_folder) / name).is_file() for name in _TOKENIZER_FILES)
-        if source.calib != "self" and not has_tokenizer:
+        if source.calib not in MODEL_SOURCES and not has_tokenizer:
             # transformers 5 would silently build an empty tokenizer from the config alone.
             raise MoeCompressError(
                 f"{model_folder} has no tokenizer files to tokenize calibration text; save the tokenizer into it, "
-                "pass --stats DIR from `moecompress stats`, or use --calib self"
+                "pass --stats DIR from `moecompress stats`, or use --calib self or --calib sample"
             )
         calib, description = calibration_for(model_folder, source.calib, source.nsamples, source.seqlen, source.seed)
         stats = collect_stats(lm, calib, batch_size=source.batch_size, progress=progress)

@@ -110,7 +110,7 @@ def test_mixed_deals_rows_round_robin_over_domains(tokenizer):
 
 
 def test_list_builtin_sets_names_every_source_name():
-    assert list_builtin_sets() == [*TEXT_SETS, "mixed", "self"]
+    assert list_builtin_sets() == [*TEXT_SETS, "mixed", "self", "sample"]
 
 
 def test_same_seed_same_windows_other_seed_other_windows(tokenizer):
