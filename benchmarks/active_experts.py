@@ -253,7 +253,6 @@ def select_distill(args, fit_cfg, input_ids: torch.Tensor, calibration: dict, ca
     """Distillation settings chosen on calibration data only: held-back calibration KL per (lr, steps), from ce-fit."""
     from transformers import AutoModelForCausalLM
 
-    from moecompress.passes.compressed_experts import compress_experts_job
     from moecompress.passes.distill_ces import compute_teacher_targets, distill_ces
 
     out = args.workdir / "ce-fit"

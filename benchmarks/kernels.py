@@ -209,7 +209,7 @@ def bench_moe(bench: Bench, args: argparse.Namespace) -> None:
                     base = {"kind": "moe", "shape": model, "bits": spec, "group_size": args.group_size,
                             "batch": batch, "routing": routing, "experts_touched": len(touched)}
                     bench.report(base, results)
-            del groups
+            groups = None  # free the packed experts before the next width plan
 
 
 def bench_dense(bench: Bench, args: argparse.Namespace) -> None:
