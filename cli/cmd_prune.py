@@ -59,63 +59,31 @@ def _print_result(result, as_json: bool) -> None:
         console.print(f"perplexity {ev['ppl_before']:.4f} -> {ev['ppl_after']:.4f} ({100 * ev['change']:+.2f}%)", highlight=False)
 
 
-# Options shared by both commands (typer reads each default from a fresh call).
-def _stats_opt():
-    return typer.Option(None, "--stats", help="statistics folder from `moecompress stats` (skips the statistics sweep)")
+# Options shared by both commands: name -> (default, flag declarations, help). ``_shared(name)`` makes a
+# fresh typer.Option each time (typer reads a parameter's default from its own Option object).
+_SHARED_OPTIONS = {
+    "stats": (None, ("--stats",), "statistics folder from `moecompress stats` (skips the statistics sweep)"),
+    "calib": ("mixed", (), "calibration for the statistics (when no --stats) and the refit: "
+                           "prose|code|math|multilingual|chat|mixed|self|sample, a .txt/.jsonl file, a folder"),
+    "nsamples": (64, (), "calibration sequences"),
+    "seqlen": (256, (), "tokens per calibration sequence"),
+    "seed": (0, (), "seed for drawing (or sampling) calibration windows"),
+    "batch_size": (8, (), "sequences per forward"),
+    "refit": (True, ("--refit/--no-refit",), "re-solve the rebuilt experts' down projections to reproduce each original "
+              "layer's routed output on the calibration set (moecompress's extension; --no-refit: the paper method alone)"),
+    "refit_damp": (0.1, (), "refit: ridge towards the pruned/merged weights, relative to the mean Gram diagonal"),
+    "refit_sweeps": (2, (), "refit: block-coordinate-descent sweeps over a layer's experts"),
+    "eval_data": (None, ("--eval-data",), "text file: perplexity before and after, in report.md"),
+    "eval_seqlen": (256, (), "chunk length for --eval-data"),
+    "eval_max_tokens": (40000, (), "first N tokens of --eval-data"),
+    "overwrite": (False, ("--overwrite",), "replace OUT if it exists"),
+    "as_json": (False, ("--json",), "print a JSON summary"),
+}
 
 
-def _calib_opt():
-    return typer.Option("mixed", help="calibration for the statistics (when no --stats) and the refit: "
-                                      "prose|code|math|multilingual|chat|mixed, a .txt/.jsonl file, a folder")
-
-
-def _nsamples_opt():
-    return typer.Option(64, help="calibration sequences")
-
-
-def _seqlen_opt():
-    return typer.Option(256, help="tokens per calibration sequence")
-
-
-def _seed_opt():
-    return typer.Option(0, help="seed for drawing calibration windows")
-
-
-def _batch_size_opt():
-    return typer.Option(8, help="sequences per forward")
-
-
-def _refit_opt():
-    return typer.Option(True, "--refit/--no-refit", help="re-solve the rebuilt experts' down projections to reproduce each "
-                        "original layer's routed output on the calibration set (moecompress's extension; --no-refit: the paper method alone)")
-
-
-def _refit_damp_opt():
-    return typer.Option(0.1, help="refit: ridge towards the pruned/merged weights, relative to the mean Gram diagonal")
-
-
-def _refit_sweeps_opt():
-    return typer.Option(2, help="refit: block-coordinate-descent sweeps over a layer's experts")
-
-
-def _eval_data_opt():
-    return typer.Option(None, "--eval-data", help="text file: perplexity before and after, in report.md")
-
-
-def _eval_seqlen_opt():
-    return typer.Option(256, help="chunk length for --eval-data")
-
-
-def _eval_max_tokens_opt():
-    return typer.Option(40000, help="first N tokens of --eval-data")
-
-
-def _overwrite_opt():
-    return typer.Option(False, "--overwrite", help="replace OUT if it exists")
-
-
-def _json_opt():
-    return typer.Option(False, "--json", help="print a JSON summary")
+def _shared(name: str):
+    default, flags, help_text = _SHARED_OPTIONS[name]
+    return typer.Option(default, *flags, help=help_text)
 
 
 def _refit(refit: bool, damp: float, sweeps: int):
@@ -134,23 +102,23 @@ def prune(
     method: str = typer.Option("reap", help="reap (REAP saliency; best measured on the testbed), frequency (least routed) or dern (drop + recombine neurons)"),
     keep_ratio: float = typer.Option(None, "--keep-ratio", help="fraction of experts kept per layer, in (0, 1]"),
     num_experts: int = typer.Option(None, "--num-experts", help="experts kept per layer (instead of --keep-ratio)"),
-    stats: Path = _stats_opt(),
-    calib: str = _calib_opt(),
-    nsamples: int = _nsamples_opt(),
-    seqlen: int = _seqlen_opt(),
-    seed: int = _seed_opt(),
-    batch_size: int = _batch_size_opt(),
-    refit: bool = _refit_opt(),
-    refit_damp: float = _refit_damp_opt(),
-    refit_sweeps: int = _refit_sweeps_opt(),
+    stats: Path = _shared("stats"),
+    calib: str = _shared("calib"),
+    nsamples: int = _shared("nsamples"),
+    seqlen: int = _shared("seqlen"),
+    seed: int = _shared("seed"),
+    batch_size: int = _shared("batch_size"),
+    refit: bool = _shared("refit"),
+    refit_damp: float = _shared("refit_damp"),
+    refit_sweeps: int = _shared("refit_sweeps"),
     similarity_threshold: float = typer.Option(0.6, help="DERN: a dropped neuron joins a kept expert above this cosine"),
     use_gate_in_similarity: bool = typer.Option(False, "--use-gate-in-similarity/--no-gate-in-similarity", help="DERN: include the gate row in neuron similarity"),
     protect_super_experts: bool = typer.Option(True, "--protect-super-experts/--no-protect-super-experts", help="never prune super experts"),
-    eval_data: Path = _eval_data_opt(),
-    eval_seqlen: int = _eval_seqlen_opt(),
-    eval_max_tokens: int = _eval_max_tokens_opt(),
-    overwrite: bool = _overwrite_opt(),
-    as_json: bool = _json_opt(),
+    eval_data: Path = _shared("eval_data"),
+    eval_seqlen: int = _shared("eval_seqlen"),
+    eval_max_tokens: int = _shared("eval_max_tokens"),
+    overwrite: bool = _shared("overwrite"),
+    as_json: bool = _shared("as_json"),
 ) -> None:
     """Drop experts (frequency, REAP or DERN) and write the same architecture with fewer experts."""
     from moecompress.jobs_experts import prune_job
@@ -181,21 +149,21 @@ def merge(
     router_mode: str = typer.Option(None, help="standard router rows: dominant, weighted, logsumexp_approx (needs a router bias) or fitted (fitted on calibration to the exact per-group routing mass; bias-free softmax routers)"),
     per_layer: bool = typer.Option(None, "--per-layer/--global", help="same group count in every layer, or MC-SMoE's global frequency threshold (default: per-layer for standard, global for exact)"),
     dominance: str = typer.Option("frequency", help="which experts dominate the groups: frequency (M-SMoE) or reap (REAP saliency)"),
-    stats: Path = _stats_opt(),
-    calib: str = _calib_opt(),
-    nsamples: int = _nsamples_opt(),
-    seqlen: int = _seqlen_opt(),
-    seed: int = _seed_opt(),
-    batch_size: int = _batch_size_opt(),
-    refit: bool = _refit_opt(),
-    refit_damp: float = _refit_damp_opt(),
-    refit_sweeps: int = _refit_sweeps_opt(),
+    stats: Path = _shared("stats"),
+    calib: str = _shared("calib"),
+    nsamples: int = _shared("nsamples"),
+    seqlen: int = _shared("seqlen"),
+    seed: int = _shared("seed"),
+    batch_size: int = _shared("batch_size"),
+    refit: bool = _shared("refit"),
+    refit_damp: float = _shared("refit_damp"),
+    refit_sweeps: int = _shared("refit_sweeps"),
     protect_super_experts: bool = typer.Option(True, "--protect-super-experts/--no-protect-super-experts", help="super experts stay singleton groups"),
-    eval_data: Path = _eval_data_opt(),
-    eval_seqlen: int = _eval_seqlen_opt(),
-    eval_max_tokens: int = _eval_max_tokens_opt(),
-    overwrite: bool = _overwrite_opt(),
-    as_json: bool = _json_opt(),
+    eval_data: Path = _shared("eval_data"),
+    eval_seqlen: int = _shared("eval_seqlen"),
+    eval_max_tokens: int = _shared("eval_max_tokens"),
+    overwrite: bool = _shared("overwrite"),
+    as_json: bool = _shared("as_json"),
 ) -> None:
     """Merge experts (M-SMoE) and write a standard checkpoint."""
     from moecompress.jobs_experts import merge_job
