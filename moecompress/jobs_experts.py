@@ -252,6 +252,23 @@ def _common_details(command: str, model_folder: Path, result: JobResult, method:
     }
 
 
+def _write_checkpoint(lm: LayerwiseModel, model_folder: Path, out, overwrite: bool, passes: list, expert_count: int,
+                      calibration: torch.Tensor | None, source: StatsSource, start: float, progress: Progress | None,
+                      details: Callable[[Path, JobResult], dict], write_report: Callable[[Path, dict], Path],
+                      eval_request: EvalRequest | None) -> JobResult:
+    """What prune and merge do after planning: the rewrite sweep into a staging folder, the job's own
+    files and summary (``details``), the optional evaluation, the report, then the rename into place."""
+    with StagingFolder(out, overwrite) as stage:
+        _rewrite(lm, model_folder, stage.path, passes, with_expert_count(lm.config, expert_count), progress,
+                 calibration, source.batch_size)
+        result = JobResult(Path(out), time.time() - start, folder_bytes(stage.path), lm.checkpoint.total_bytes())
+        result.details = details(stage.path, result)
+        result.details["eval"] = _evaluate_pair(model_folder, stage.path, eval_request)
+        write_report(stage.path / "report.md", result.details)
+        result.out = stage.commit()
+    return result
+
+
 def prune_job(
     model_folder: str | Path,
     out: str | Path,
@@ -275,18 +292,13 @@ def prune_job(
     pruner = PrunePass.from_stats(cfg, stats, lm.config)
     refitters, calibration = _refit_passes(refit, model_folder, source)
     before = config_expert_count(lm.config)
-    with StagingFolder(out, overwrite) as stage:
-        _rewrite(lm, model_folder, stage.path, [pruner, *refitters], with_expert_count(lm.config, target), progress,
-                 calibration, source.batch_size)
-        record = kept_experts_record(
+
+    def details(stage_path: Path, result: JobResult) -> dict:
+        write_kept_experts(stage_path, kept_experts_record(
             cfg.method, before, target, pruner.report.kept_map(),
             protected={str(i): p for i, p in pruner.protected.items() if p},
-        )
-        write_kept_experts(stage.path, record)
-        seconds = time.time() - start
-        final = Path(out)
-        result = JobResult(final, seconds, folder_bytes(stage.path), lm.checkpoint.total_bytes())
-        result.details = {
+        ))
+        return {
             **_common_details("prune", model_folder, result, cfg.method, before, target, stats, source, stats_seconds),
             "options": {
                 "keep_ratio": cfg.keep_ratio,
@@ -299,9 +311,11 @@ def prune_job(
             "layers": {str(r.layer): r.kept for r in pruner.report.layers},
             "refit": _refit_details(refit, refitters, source),
         }
-        result.details["eval"] = _evaluate_pair(model_folder, stage.path, eval_request)
-        write_prune_report(stage.path / "report.md", result.details, pruner)
-        result.out = stage.commit()
+
+    result = _write_checkpoint(
+        lm, model_folder, out, overwrite, [pruner, *refitters], target, calibration, source, start, progress,
+        details, lambda path, d: write_prune_report(path, d, pruner), eval_request,
+    )
     return result, pruner
 
 
@@ -353,21 +367,16 @@ def merge_job(
     shared = merger.groups_of if cfg.router == "exact" else None  # exact: a group's slots share one expert
     refitters, calibration = _refit_passes(refit, model_folder, source, shared, cfg.needs_activations)
     before = config_expert_count(lm.config)
-    with StagingFolder(out, overwrite) as stage:
-        _rewrite(lm, model_folder, stage.path, [merger, *refitters], with_expert_count(lm.config, slots), progress,
-                 calibration, source.batch_size)
-        record = kept_experts_record(
+
+    def details(stage_path: Path, result: JobResult) -> dict:
+        write_kept_experts(stage_path, kept_experts_record(
             cfg.method, before, slots, merger.report.groups_map(),
             router=cfg.router,
             router_mode=cfg.router_mode if cfg.router == "standard" else None,
             group_counts={str(i): n for i, n in merger.group_counts.items()},
             protected={str(i): p for i, p in merger.protected.items() if p},
-        )
-        write_kept_experts(stage.path, record)
-        seconds = time.time() - start
-        final = Path(out)
-        result = JobResult(final, seconds, folder_bytes(stage.path), lm.checkpoint.total_bytes())
-        result.details = {
+        ))
+        return {
             **_common_details("merge", model_folder, result, cfg.method, before, slots, stats, source, stats_seconds),
             "router": cfg.router,
             "dominance": cfg.dominance,
@@ -377,9 +386,11 @@ def merge_job(
             "layers": {str(r.layer): r.groups for r in merger.report.layers},
             "refit": _refit_details(refit, refitters, source),
         }
-        result.details["eval"] = _evaluate_pair(model_folder, stage.path, eval_request)
-        write_merge_report(stage.path / "report.md", result.details, merger)
-        result.out = stage.commit()
+
+    result = _write_checkpoint(
+        lm, model_folder, out, overwrite, [merger, *refitters], slots, calibration, source, start, progress,
+        details, lambda path, d: write_merge_report(path, d, merger), eval_request,
+    )
     return result, merger
 
 
