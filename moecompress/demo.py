@@ -113,7 +113,7 @@ def build_demo_model(folder: Path, progress=None) -> Path:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         if progress is not None:
-            progress(step + 1, STEPS, float(out.loss))
+            progress(step + 1, STEPS, float(out.loss.detach()))
     model.eval()
     model.config.output_router_logits = False
     tmp = folder.with_name(folder.name + ".tmp")
