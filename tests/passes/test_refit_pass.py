@@ -88,3 +88,32 @@ def test_bad_refit_options_are_refused_before_any_work(tiny, tmp_path):
     with pytest.raises(MoeCompressError, match="--refit-sweeps"):
         merge_job(folder, tmp_path / "out", MergeConfig(2), StatsSource(), refit=RefitConfig(sweeps=0))
     assert not (tmp_path / "out").exists()
+
+
+FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "gpt_oss", "phimoe", "granitemoe", "glm4_moe"]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_prune_and_merge_with_refit_on_model_samples_for_every_family(family, tmp_path):
+    """The refit reads whatever routing the family applies (sigmoid + groups, sparsemixer, biases);
+    ``--calib sample`` needs no tokenizer, so the tiny models calibrate on their own samples."""
+    from moecompress.jobs_experts import prune_job
+    from moecompress.model.tiny import TINY_CONFIGS
+    from transformers import AutoModelForCausalLM
+
+    if family not in TINY_CONFIGS:
+        pytest.skip(f"no tiny {family}")
+    save_tiny_model(family, tmp_path / "model")
+    source = StatsSource(calib="sample", nsamples=4, seqlen=16, batch_size=4)
+    num = LayerwiseModel(tmp_path / "model").view.blocks
+    experts = next(iter(num.values())).num_experts
+    top_k = next(iter(num.values())).top_k
+    keep = max(top_k, experts // 2)  # tiny DeepSeek / GLM: 8 experts in 2 routing groups -> 2 kept per group
+    result, _ = prune_job(tmp_path / "model", tmp_path / "pruned", PruneConfig(method="reap", num_experts=keep), source,
+                          refit=RefitConfig())
+    merged, _ = merge_job(tmp_path / "model", tmp_path / "merged", MergeConfig(keep), source, refit=RefitConfig())
+    for job, out in ((result, "pruned"), (merged, "merged")):
+        layers = job.details["refit"]["layers"]
+        assert layers and all(v["after"] <= max(v["before"], 1e-9) + 1e-6 for v in layers.values()), out
+        model = AutoModelForCausalLM.from_pretrained(str(tmp_path / out))
+        assert model.generate(IDS[:1, :4], max_new_tokens=3, do_sample=False).shape == (1, 7)
