@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -118,9 +120,17 @@ _register_commands()
 def main() -> None:
     import signal
 
-    # A terminated run must clean up like Ctrl-C does (staging folders removed, no partial OUT).
+    # A terminated run must clean up like Ctrl-C does (staging folders removed, no partial OUT). The
+    # handler does it itself and exits: an exception raised from a signal handler is lost when the
+    # signal lands while Python runs a finalizer or weakref callback ("Exception ignored in ...").
     def _terminate(_signum, _frame):
-        raise KeyboardInterrupt
+        from moecompress.export.writer import abort_all_staging
+
+        abort_all_staging()
+        sys.stdout.flush()
+        sys.stderr.write("interrupted (SIGTERM): no output was written\n")
+        sys.stderr.flush()
+        os._exit(130)
 
     signal.signal(signal.SIGTERM, _terminate)
     app()

@@ -45,6 +45,17 @@ def prepare_output(out: str | Path, overwrite: bool) -> Path:
     return out
 
 
+# Staging folders of this process not yet committed or aborted, for abort_all_staging().
+_ACTIVE_STAGING: set[Path] = set()
+
+
+def abort_all_staging() -> None:
+    """Remove every staging folder this process still holds (a termination signal's last act)."""
+    for path in list(_ACTIVE_STAGING):
+        shutil.rmtree(path, ignore_errors=True)
+        _ACTIVE_STAGING.discard(path)
+
+
 class StagingFolder:
     """A temporary folder beside ``out`` that becomes ``out`` on commit, or disappears on failure."""
 
@@ -52,6 +63,7 @@ class StagingFolder:
         self.out = prepare_output(out, overwrite)
         self.overwrite = overwrite
         self.path = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.tmp-", dir=self.out.parent))
+        _ACTIVE_STAGING.add(self.path)
 
     def commit(self) -> Path:
         if self.out.exists():
@@ -59,10 +71,12 @@ class StagingFolder:
                 raise MoeCompressError(f"output {self.out} appeared while running; not overwriting it")
             shutil.rmtree(self.out)
         self.path.rename(self.out)
+        _ACTIVE_STAGING.discard(self.path)
         return self.out
 
     def abort(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)
+        _ACTIVE_STAGING.discard(self.path)
 
     def __enter__(self) -> "StagingFolder":
         return self
