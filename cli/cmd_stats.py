@@ -17,7 +17,6 @@ from rich.table import Table
 from moecompress.cli.common import console, print_json, quiet_transformers, user_errors
 from moecompress.errors import MoeCompressError
 
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
 
 
 def stats(
@@ -100,12 +99,14 @@ def _tokenizer(model: Path, required: bool):
     """The model folder's tokenizer; None (or an error when ``required``) if it has none."""
     from transformers import AutoTokenizer
 
+    from moecompress.jobs import TOKENIZER_FILES, has_tokenizer_files
+
     # transformers 5 builds an EMPTY tokenizer from the config alone when no tokenizer file exists, so
     # look for the files instead of trusting from_pretrained to fail.
-    if not any((model / name).is_file() for name in _TOKENIZER_FILES):
+    if not has_tokenizer_files(model):
         if required:
             raise MoeCompressError(
-                f"{model} has no tokenizer ({', '.join(_TOKENIZER_FILES[:2])}); save the tokenizer into the model "
+                f"{model} has no tokenizer ({', '.join(TOKENIZER_FILES[:2])}); save the tokenizer into the model "
                 "folder or use --calib self or --calib sample"
             )
         return None

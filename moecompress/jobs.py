@@ -97,6 +97,15 @@ def quantize_job(
     return result, qpass
 
 
+# Files whose presence means a model folder has its own tokenizer. transformers 5 builds an EMPTY
+# tokenizer from the config alone when none exists, so callers look for the files instead.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
+
+
+def has_tokenizer_files(model_folder: str | Path) -> bool:
+    return any((Path(model_folder) / name).is_file() for name in TOKENIZER_FILES)
+
+
 def calibration_for(
     model_folder: str | Path, source: str, nsamples: int, seqlen: int, seed: int = 0
 ):
@@ -112,7 +121,7 @@ def calibration_for(
 
         # EBSS / sampling generate with the whole model: the one step that is not layer by layer.
         model = AutoModelForCausalLM.from_pretrained(str(model_folder), dtype=torch.float32).eval()
-        if (Path(model_folder) / "tokenizer.json").is_file() or (Path(model_folder) / "tokenizer_config.json").is_file():
+        if has_tokenizer_files(model_folder):
             from transformers import AutoTokenizer
 
             tokenizer = AutoTokenizer.from_pretrained(str(model_folder))  # only to keep special tokens out

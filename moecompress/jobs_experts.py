@@ -46,7 +46,7 @@ from moecompress.export.standard import (
 )
 from moecompress.evaluate import folder_bytes
 from moecompress.export.writer import CheckpointWriter, StagingFolder, outer_state, prepare_output
-from moecompress.jobs import JobResult, calibration_for
+from moecompress.jobs import JobResult, calibration_for, has_tokenizer_files
 from moecompress.model.driver import LayerContext, run_layerwise
 from moecompress.model.loading import LayerwiseModel
 from moecompress.passes.merge import MergeConfig, MergePass, check_fittable_router
@@ -56,7 +56,6 @@ from moecompress.passes.refit import RefitConfig, RefitPass
 log = logging.getLogger(__name__)
 
 Progress = Callable[[int, int], None]
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
 
 
 @dataclass(frozen=True)
@@ -102,8 +101,7 @@ def load_or_collect_stats(model_folder: str | Path, lm: LayerwiseModel, source: 
     if source.stats_dir is not None:
         stats = RouterStats.load(source.stats_dir)
     else:
-        has_tokenizer = any((Path(model_folder) / name).is_file() for name in _TOKENIZER_FILES)
-        if source.calib not in MODEL_SOURCES and not has_tokenizer:
+        if source.calib not in MODEL_SOURCES and not has_tokenizer_files(model_folder):
             # transformers 5 would silently build an empty tokenizer from the config alone.
             raise MoeCompressError(
                 f"{model_folder} has no tokenizer files to tokenize calibration text; save the tokenizer into it, "
