@@ -15,7 +15,9 @@ Variants (``--variants``; all by default):
 * ``frequency``, ``reap``, ``dern``: ``moecompress prune --method ...`` keeping N of 16 experts;
 * ``msmoe-dominant``, ``msmoe-weighted``: ``moecompress merge --router standard --router-mode ...``
   (the two router constructions a bias-free qwen3_moe router can store);
-* ``msmoe-exact``: ``--router exact`` with N groups in every layer (E slots, same file size);
+* ``msmoe-exact``: ``--router exact`` with N groups in every layer (native format: E' stored experts
+  behind the expert -> group map; ``--router exact-slots`` gives the same outputs in a plain
+  checkpoint of the original size, tested in tests/model/test_expert_groups.py);
 * ``msmoe-exact-global``: ``--router exact`` with MC-SMoE's global threshold (N groups on average);
 * ``dern-t0.4`` ... : DERN with another similarity threshold (``dern-tX``), ``dern-gate`` with the gate
   row in the similarity.

@@ -142,12 +142,12 @@ def prune(
 
 def merge(
     model: Path = typer.Argument(..., help="model folder (save_pretrained layout)"),
-    out: Path = typer.Argument(..., help="output folder: a standard checkpoint"),
+    out: Path = typer.Argument(..., help="output folder: a standard checkpoint (--router exact: native, loads after import moecompress)"),
     num_experts: int = typer.Option(..., "--num-experts", help="merged experts per layer (the average over layers with the global threshold)"),
     method: str = typer.Option("msmoe", help="msmoe (M-SMoE: align, group by router similarity, frequency-weighted merge)"),
-    router: str = typer.Option("standard", help="standard (E' router rows, smaller checkpoint) or exact (E slots share merged weights: exact routing, same size)"),
+    router: str = typer.Option("standard", help="standard (E' router rows: a plain checkpoint), exact (M-SMoE's expert -> group map: E' experts, native checkpoint, loads after import moecompress) or exact-slots (exact routing in a plain checkpoint: E slots share merged weights, same size)"),
     router_mode: str = typer.Option(None, help="standard router rows: dominant, weighted, logsumexp_approx (needs a router bias) or fitted (fitted on calibration to the exact per-group routing mass; bias-free softmax routers)"),
-    per_layer: bool = typer.Option(None, "--per-layer/--global", help="same group count in every layer, or MC-SMoE's global frequency threshold (default: per-layer for standard, global for exact)"),
+    per_layer: bool = typer.Option(None, "--per-layer/--global", help="same group count in every layer, or MC-SMoE's global frequency threshold (default: per-layer for standard, global for exact and exact-slots)"),
     dominance: str = typer.Option("frequency", help="which experts dominate the groups: frequency (M-SMoE) or reap (REAP saliency)"),
     stats: Path = _shared("stats"),
     calib: str = _shared("calib"),
@@ -165,7 +165,7 @@ def merge(
     overwrite: bool = _shared("overwrite"),
     as_json: bool = _shared("as_json"),
 ) -> None:
-    """Merge experts (M-SMoE) and write a standard checkpoint."""
+    """Merge experts (M-SMoE) and write a checkpoint with fewer distinct experts."""
     from moecompress.jobs_experts import merge_job
     from moecompress.passes.merge import DEFAULT_ROUTER_MODE, MergeConfig
 

@@ -56,6 +56,7 @@ def quantize_job(
     prepare_output(out, overwrite)
     start = time.time()
     lm = LayerwiseModel(model_folder)
+    lm.require_dense("quantize")
     if input_ids is None:
         if cfg.method != "rtn":
             raise MoeCompressError("GPTQ needs calibration data; pass --calib or use --method rtn")
@@ -87,6 +88,7 @@ def quantize_job(
                 "source_model": str(Path(model_folder).resolve().name),
             },
             extra=extra or {},
+            expert_groups=lm.expert_groups,  # an exact-router merge stays one after quantization
         )
         config = lm.config
         config.quantization_config = qconfig.to_dict()

@@ -49,7 +49,9 @@ from moecompress.export.writer import CheckpointWriter, StagingFolder, outer_sta
 from moecompress.jobs import JobResult, calibration_for, has_tokenizer_files
 from moecompress.model.driver import LayerContext, run_layerwise
 from moecompress.model.loading import LayerwiseModel
-from moecompress.passes.merge import MergeConfig, MergePass, check_fittable_router
+from moecompress.algorithms.merging import expert_to_group
+from moecompress.quant.hf_integration import MoeCompressConfig
+from moecompress.passes.merge import EXACT_ROUTERS, MergeConfig, MergePass, check_fittable_router
 from moecompress.passes.prune import PruneConfig, PrunePass
 from moecompress.passes.refit import RefitConfig, RefitPass
 
@@ -132,11 +134,13 @@ def check_stats_match(stats: RouterStats, lm: LayerwiseModel) -> None:
 
 
 def _rewrite(lm: LayerwiseModel, model_folder: Path, stage_path: Path, passes: list, config, progress: Progress | None,
-             calibration: torch.Tensor | None = None, batch_size: int = 8) -> CheckpointWriter:
+             calibration: torch.Tensor | None = None, batch_size: int = 8,
+             native: Callable[[], dict | None] | None = None) -> CheckpointWriter:
     """The rewrite sweep: each decoder layer through ``passes``, written as it finishes.
 
     ``calibration [n, L]`` token ids drive the sweep when a pass needs activations (refit); otherwise
-    an 8-token dummy batch does (the statistics carry the calibration).
+    an 8-token dummy batch does (the statistics carry the calibration). ``native()``, asked after the
+    sweep, gives the ``quantization_config`` of a native checkpoint (an exact-router merge), or None.
     """
     writer = CheckpointWriter(stage_path, lm.model, lm.checkpoint_dtype)
 
@@ -150,6 +154,9 @@ def _rewrite(lm: LayerwiseModel, model_folder: Path, stage_path: Path, passes: l
     writer.write_tensors(outer_state(lm.model, lm.view.layers_name), "outer.safetensors")
     lm.release_outer()
     config.dtype = lm.checkpoint_dtype
+    quantization_config = native() if native is not None else None
+    if quantization_config is not None:
+        config.quantization_config = quantization_config
     writer.finish(config, model_folder)
     return writer
 
@@ -215,7 +222,8 @@ def check_prune_request(lm: LayerwiseModel, cfg: PruneConfig) -> int:
     return target
 
 
-def _open_job(model_folder: Path, out, overwrite: bool, source: StatsSource, eval_request: EvalRequest | None, check, progress):
+def _open_job(command: str, model_folder: Path, out, overwrite: bool, source: StatsSource, eval_request: EvalRequest | None,
+              check, progress):
     """What prune and merge do before rewriting: validate everything, then read or gather statistics.
 
     Returns (model, expert count of the written config, statistics, statistics seconds, start time).
@@ -224,6 +232,8 @@ def _open_job(model_folder: Path, out, overwrite: bool, source: StatsSource, eva
     if eval_request is not None:
         eval_request.validate()
     lm = LayerwiseModel(model_folder)
+    lm.require_dense(command)
+    lm.require_ungrouped(command)
     count = check(lm)
     prepare_output(out, overwrite)
     start = time.time()
@@ -253,12 +263,12 @@ def _common_details(command: str, model_folder: Path, result: JobResult, method:
 def _write_checkpoint(lm: LayerwiseModel, model_folder: Path, out, overwrite: bool, passes: list, expert_count: int,
                       calibration: torch.Tensor | None, source: StatsSource, start: float, progress: Progress | None,
                       details: Callable[[Path, JobResult], dict], write_report: Callable[[Path, dict], Path],
-                      eval_request: EvalRequest | None) -> JobResult:
+                      eval_request: EvalRequest | None, native: Callable[[], dict | None] | None = None) -> JobResult:
     """What prune and merge do after planning: the rewrite sweep into a staging folder, the job's own
     files and summary (``details``), the optional evaluation, the report, then the rename into place."""
     with StagingFolder(out, overwrite) as stage:
         _rewrite(lm, model_folder, stage.path, passes, with_expert_count(lm.config, expert_count), progress,
-                 calibration, source.batch_size)
+                 calibration, source.batch_size, native)
         result = JobResult(Path(out), time.time() - start, folder_bytes(stage.path), lm.checkpoint.total_bytes())
         result.details = details(stage.path, result)
         result.details["eval"] = _evaluate_pair(model_folder, stage.path, eval_request)
@@ -285,7 +295,7 @@ def prune_job(
     if refit is not None:
         refit.validate()
     lm, target, stats, stats_seconds, start = _open_job(
-        model_folder, out, overwrite, source, eval_request, lambda lm: check_prune_request(lm, cfg), progress
+        "prune", model_folder, out, overwrite, source, eval_request, lambda lm: check_prune_request(lm, cfg), progress
     )
     pruner = PrunePass.from_stats(cfg, stats, lm.config)
     refitters, calibration = _refit_passes(refit, model_folder, source)
@@ -326,8 +336,8 @@ def check_merge_request(lm: LayerwiseModel, cfg: MergeConfig) -> int:
     num = config_expert_count(lm.config)
     if cfg.num_experts > num:
         raise MoeCompressError(f"--num-experts {cfg.num_experts} exceeds the model's {num} experts per layer")
-    if cfg.router == "exact":
-        return num  # every slot stays; members share their group's merged weights
+    if cfg.router in EXACT_ROUTERS:
+        return num  # the router keeps its E rows (exact-slots: E slots too, members sharing their group's weights)
     check_expert_count(lm.config, cfg.num_experts)
     block = next(iter(lm.view.blocks.values()))
     router = block.router
@@ -359,10 +369,10 @@ def merge_job(
     if refit is not None:
         refit.validate()
     lm, slots, stats, stats_seconds, start = _open_job(
-        model_folder, out, overwrite, source, eval_request, lambda lm: check_merge_request(lm, cfg), progress
+        "merge", model_folder, out, overwrite, source, eval_request, lambda lm: check_merge_request(lm, cfg), progress
     )
     merger = MergePass.from_stats(cfg, stats, lm.config)
-    shared = merger.groups_of if cfg.router == "exact" else None  # exact: a group's slots share one expert
+    shared = merger.groups_of if cfg.router == "exact-slots" else None  # a group's slots share one expert
     refitters, calibration = _refit_passes(refit, model_folder, source, shared, cfg.needs_activations)
     before = config_expert_count(lm.config)
 
@@ -377,6 +387,8 @@ def merge_job(
         return {
             **_common_details("merge", model_folder, result, cfg.method, before, slots, stats, source, stats_seconds),
             "router": cfg.router,
+            # What each layer stores (exact-slots: distinct weights), against the router's outputs in experts_after.
+            "distinct_experts_after": round(sum(merger.group_counts.values()) / max(len(merger.group_counts), 1), 2),
             "dominance": cfg.dominance,
             "router_mode": cfg.router_mode if cfg.router == "standard" else None,
             "group_counts": "per-layer" if cfg.uses_per_layer else "global threshold",
@@ -385,11 +397,29 @@ def merge_job(
             "refit": _refit_details(refit, refitters, source),
         }
 
+    def native() -> dict | None:
+        if cfg.router != "exact":
+            return None
+        return MoeCompressConfig(
+            expert_groups=expert_groups_map(lm, merger),
+            provenance={"tool": f"moecompress {moecompress.__version__}", "method": f"merge-{cfg.method}",
+                        "router": cfg.router, "source_model": model_folder.resolve().name},
+        ).to_dict()
+
     result = _write_checkpoint(
         lm, model_folder, out, overwrite, [merger, *refitters], slots, calibration, source, start, progress,
-        details, lambda path, d: write_merge_report(path, d, merger), eval_request,
+        details, lambda path, d: write_merge_report(path, d, merger), eval_request, native,
     )
     return result, merger
+
+
+def expert_groups_map(lm: LayerwiseModel, merger: MergePass) -> dict[str, list[int]]:
+    """Experts module path -> expert -> group map of every merged layer (for ``quantization_config``)."""
+    out = {}
+    for r in merger.report.layers:
+        path = f"{lm.view.layers_name}.{r.layer}.{lm.view.blocks[r.layer].experts_name}"
+        out[path] = expert_to_group(r.groups, r.num_experts).tolist()
+    return out
 
 
 # ----------------------------------------------------------------------------- reports
@@ -404,7 +434,9 @@ def _summary_rows(d: dict) -> list[tuple[str, str]]:
     rows = [
         ("model", d["model"]),
         ("method", d["method"]),
-        ("experts per MoE layer", f"{d['experts_before']} -> {d['experts_after']}"),
+        ("experts per MoE layer", f"{d['experts_before']} -> {d['experts_after']}"
+                                  + (f" router outputs, {d['distinct_experts_after']:g} distinct experts (mean)"
+                                     if d.get("distinct_experts_after") not in (None, d["experts_after"]) else "")),
         ("statistics", source + " (first sweep over the original model)"),
         ("super experts (protected)", ", ".join(f"layer {s['layer']} expert {s['expert']}" for s in d["super_experts"]) or "none"),
         ("output refit", "on (see the section below)" if d.get("refit") else "off (the method alone)"),
@@ -499,9 +531,13 @@ def write_merge_report(path: Path, details: dict, merger: MergePass) -> Path:
                  + (" Fitted router rows: KL from the exact per-group routing mass, dominant rows -> fitted rows."
                     if fitted else "") + "\n\n" + markdown_table(headers, rows))
     note = ("`kept_experts.json` lists each layer's groups (first member dominant). "
-            + ("Standard router: new expert slot g is group g." if details["router"] == "standard" else
-               "Exact router: every original expert slot stays and holds its group's merged expert, so the routing is "
-               "exactly MC-SMoE's expert -> group map; distinct weights are reduced but the file is not smaller."))
+            + {"standard": "Standard router: new expert slot g is group g; a plain checkpoint.",
+               "exact": "Exact router: the router keeps every original row and the experts module stores group g's merged "
+                        "expert in slot g; `config.json`'s `quantization_config.expert_groups` maps each original expert to its "
+                        "group (MC-SMoE's exact form). Load with `import moecompress` before `from_pretrained`.",
+               "exact-slots": "Exact router, plain checkpoint: every original expert slot stays and holds its group's merged "
+                              "expert, so the routing is exactly MC-SMoE's expert -> group map; distinct weights are reduced "
+                              "but the file is not smaller."}[details["router"]])
     sections = [("Summary", markdown_table(["", ""], summary_rows)), ("Groups per layer", per_layer)]
     if (refit := _refit_section(details)) is not None:
         sections.append(refit)

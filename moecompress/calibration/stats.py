@@ -397,8 +397,7 @@ class StatsCollector:
     def _router_hook(self, block: MoEBlockView):
         def hook(_module, _args, output):
             logits = output[0] if isinstance(output, (tuple, list)) else output
-            logits = logits.detach().reshape(-1, block.num_experts)                # [T, E]
-            self._acc.add_router(logits, block.router.probabilities(logits))
+            self._acc.add_router(*block.stored_expert_scores(logits))              # [T, E] each
 
         return hook
 
@@ -694,6 +693,7 @@ def collect_stats(
     if input_ids.dim() != 2 or input_ids.numel() == 0:
         raise MoeCompressError(f"calibration input_ids must be a non-empty [n, seqlen] tensor, got shape {tuple(input_ids.shape)}")
     lm = model_folder if isinstance(model_folder, LayerwiseModel) else LayerwiseModel(model_folder)
+    lm.require_dense("stats")
     vocab = getattr(lm.config, "vocab_size", None)
     if isinstance(vocab, int) and (int(input_ids.max()) >= vocab or int(input_ids.min()) < 0):
         raise MoeCompressError(

@@ -23,6 +23,7 @@ from transformers.modeling_utils import LoadStateDictConfig
 
 from moecompress.errors import MoeCompressError, UnsupportedModelError
 from moecompress.model.view import MoEModelView, describe_model
+from moecompress.quant.hf_integration import apply_native_structure, native_config
 
 log = logging.getLogger(__name__)
 
@@ -145,7 +146,39 @@ class LayerwiseModel:
         self.model.eval()
         self.view: MoEModelView = describe_model(self.model)
         self.layers = self.model.get_submodule(self.view.layers_name)
+        # A moecompress native checkpoint: packed / wrapped modules and expert -> group maps are
+        # rebuilt now, as our quantizer does in from_pretrained, before any weight is read. The view
+        # was taken on the family skeleton: grouped experts are resized in place (the view sees E'),
+        # replaced modules are read by the passes that accept them (compress-experts).
+        self.native = native_config(self.config)
+        if self.native is not None:
+            apply_native_structure(self.model, self.native, dtype)
         self._mapping = get_model_conversion_mapping(self.model)
+
+    @property
+    def packed_modules(self) -> dict[str, dict]:
+        """Module path -> description of the checkpoint's packed/wrapped modules (empty for a dense model)."""
+        return dict((self.native or {}).get("modules", {}))
+
+    @property
+    def expert_groups(self) -> dict[str, list[int]]:
+        """Experts module path -> expert -> group map (an exact-router merge); empty otherwise."""
+        return dict((self.native or {}).get("expert_groups", {}))
+
+    def require_dense(self, command: str) -> None:
+        """One-line refusal for commands that read only unquantized checkpoints."""
+        if self.packed_modules:
+            raise MoeCompressError(
+                f"{self.folder} is a quantized or compressed moecompress checkpoint; run {command} on the unquantized model"
+            )
+
+    def require_ungrouped(self, command: str) -> None:
+        """One-line refusal for commands that cannot read an exact-router merge (expert -> group maps)."""
+        if self.expert_groups:
+            raise MoeCompressError(
+                f"{self.folder} holds merged experts behind an expert -> group map (merge --router exact); "
+                f"run {command} on the model before merging, or merge with --router standard"
+            )
 
     @property
     def checkpoint_dtype(self) -> torch.dtype:

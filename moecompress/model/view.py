@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from moecompress.errors import UnsupportedModelError
+from moecompress.model.expert_groups import expert_groups_of
 
 # Families with tests (tests/model/test_view.py). Anything else with a standard experts module goes
 # through the same generic code path, flagged as such in `inspect`.
@@ -313,6 +314,27 @@ class MoEBlockView:
     @property
     def top_k(self) -> int:
         return self.router.top_k
+
+    @property
+    def expert_to_group(self) -> tuple[int, ...] | None:
+        """The expert -> group map when the stored experts are merged groups (exact-router merge)."""
+        return expert_groups_of(self.experts.module)
+
+    def stored_expert_scores(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Router output -> (logits [T, E'], probabilities [T, E']) per STORED expert, float32.
+
+        Without an expert -> group map E' = E and these are the router's own. With one, a group's
+        probability is the sum of its members' (the routing mass it receives) and its logit the log of
+        that sum, so statistics and quantization index everything by the experts the module stores.
+        """
+        logits = logits.detach().float().reshape(-1, logits.shape[-1])  # [T, E]
+        probs = self.router.probabilities(logits)
+        groups = self.expert_to_group
+        if groups is None:
+            return logits, probs
+        index = torch.tensor(groups, dtype=torch.long, device=probs.device)
+        grouped = probs.new_zeros(probs.shape[0], max(groups) + 1).index_add_(1, index, probs)
+        return grouped.clamp_min(torch.finfo(torch.float32).tiny).log(), grouped
 
 
 _SHARED_NAMES = ("shared_expert", "shared_experts", "shared_mlp")

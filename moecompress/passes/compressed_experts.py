@@ -854,21 +854,19 @@ def compress_experts_job(
     from moecompress.export.writer import CheckpointWriter, StagingFolder, outer_state, prepare_output
     from moecompress.jobs import JobResult
     from moecompress.model.driver import run_layerwise
-    from moecompress.model.loading import LayerwiseModel
-    from moecompress.quant.hf_integration import MoeCompressConfig, replace_modules
+    from moecompress.model.loading import LayerwiseModel, read_config
+    from moecompress.quant.hf_integration import MoeCompressConfig
 
     cfg.validate()
     if input_ids is None or input_ids.numel() == 0:
         raise MoeCompressError("compress-experts needs calibration data to fit and calibrate; pass --calib")
     prepare_output(out, overwrite)
     start = time.time()
-    lm = LayerwiseModel(model_folder)
-    source_q = source_quantization(lm.config)
+    source_q = source_quantization(read_config(model_folder))
+    lm = LayerwiseModel(model_folder)  # a quantized source's packed modules are swapped in here
+    lm.require_ungrouped("compress-experts")
     for block in lm.view.blocks.values():
         cfg.check_top_k(block.top_k, f"layer {block.layer_index}")
-    if source_q is not None:
-        # The skeleton is built without our quantizer: swap in the packed modules before any layer loads.
-        replace_modules(lm.model, source_q.get("modules", {}), lm.dtype)
     check_distill_memory(lm, cfg, input_ids.shape[-1])
     storage = lm.checkpoint_dtype
     cpass = CompressExpertsPass(cfg, lm.view.layers_name, storage)

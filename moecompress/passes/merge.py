@@ -19,12 +19,15 @@ Per MoE layer (``MergePass.process``):
      ``dominant``, ``weighted`` or ``logsumexp_approx``; the latter needs a router bias). Group-limited
      routing (``n_group``) groups experts within each routing group, the same number per group.
      An approximation: routing between merged experts changes.
-   * ``exact`` — the paper's own form: all E router rows and E expert slots stay, every member's
-     slot holds its group's merged expert. Two selected experts of one group then contribute
-     ``(w_a + w_b) * merged(x)``: exactly the expert -> group map with summed routing weights
-     (:func:`~moecompress.algorithms.merging.expert_to_group`), in a checkpoint any runtime loads.
-     Distinct weights are reduced to E' per layer, but the file and memory are NOT smaller (every
-     slot stores its copy); it is the quality reference for the standard router.
+   * ``exact`` — the paper's own form, in the native format: all E router rows stay, the experts
+     module stores the E' merged experts, and the expert -> group map
+     (:func:`~moecompress.algorithms.merging.expert_to_group`, installed by
+     :mod:`moecompress.model.expert_groups`) sends every routed expert id to its group. Two selected
+     experts of one group contribute ``(w_a + w_b) * merged(x)``. The checkpoint is smaller (E'
+     experts); loading it needs ``import moecompress`` (the map lives in ``quantization_config``).
+   * ``exact-slots`` — the same routing in a plain checkpoint any runtime loads: E expert slots stay
+     and every member's slot holds a copy of its group's merged expert. Same outputs as ``exact``,
+     but the file and memory are NOT smaller.
 
 Shape legend: E experts, E' groups, I intermediate size, H hidden size.
 """
@@ -50,13 +53,15 @@ from moecompress.calibration.stats import LayerStats, RouterStats
 from moecompress.errors import MoeCompressError
 from moecompress.export.standard import resize_experts, routing_groups, set_router_rows
 from moecompress.model.driver import LayerContext
+from moecompress.model.expert_groups import install_expert_groups, keep_expert_rows
 from moecompress.model.view import MoEBlockView
 from moecompress.passes.prune import ExpertStack, layer_scores, protected_experts, read_experts, write_expert
 
 log = logging.getLogger(__name__)
 
 METHODS = ("msmoe",)
-ROUTERS = ("standard", "exact")
+ROUTERS = ("standard", "exact", "exact-slots")
+EXACT_ROUTERS = ("exact", "exact-slots")
 # Which experts dominate a group: M-SMoE's usage frequency, or REAP saliency (our option: the score
 # that prunes best on the testbed). Merge weights are usage frequencies either way.
 DOMINANCE = ("frequency", "reap")
@@ -99,7 +104,7 @@ class MergeConfig:
         if self.method not in METHODS:
             raise MoeCompressError(f"unknown merging method {self.method!r}; choose one of {', '.join(METHODS)}")
         if self.router not in ROUTERS:
-            raise MoeCompressError(f"unknown --router {self.router!r}; choose standard or exact")
+            raise MoeCompressError(f"unknown --router {self.router!r}; choose one of {', '.join(ROUTERS)}")
         if self.router_mode not in STANDARD_ROUTER_MODES:
             raise MoeCompressError(f"unknown --router-mode {self.router_mode!r}; choose one of {', '.join(STANDARD_ROUTER_MODES)}")
         if self.dominance not in DOMINANCE:
@@ -109,7 +114,7 @@ class MergeConfig:
         if self.router == "standard" and not self.uses_per_layer:
             raise MoeCompressError(
                 "a standard checkpoint holds the same expert count in every layer; use --per-layer "
-                "or --router exact for MC-SMoE's global threshold"
+                "or --router exact / exact-slots for MC-SMoE's global threshold"
             )
 
 
@@ -169,8 +174,9 @@ def merge_block(
 ) -> tuple[float, float] | None:
     """Merge ``block``'s experts by ``groups`` (first member dominant), ``freq [E]`` weighting members.
 
-    ``standard``: the block gets E' = len(groups) experts and router rows; ``exact``: E slots stay and
-    every member's slot holds its group's merged expert (router untouched). ``router_mode="fitted"``
+    ``standard``: the block gets E' = len(groups) experts and router rows; ``exact``: E' experts behind
+    an expert -> group map (router untouched); ``exact-slots``: E slots stay and every member's slot
+    holds its group's merged expert (router untouched). ``router_mode="fitted"``
     fits the rows on ``router_inputs [T, H]`` starting from the dominant rows and returns the KL
     (nats/token) from the exact group routing before/after the fit; otherwise returns None.
     """
@@ -193,11 +199,17 @@ def merge_block(
             rows.append(w @ stack.down_bias[idx])  # [H]
         down_bias = torch.stack(rows)
     merged = ExpertStack(gate, up, down, down_bias, stack.hidden)
-    if router == "exact":
+    if router == "exact-slots":
         for g, members in enumerate(groups):
             for e in members:
                 write_expert(block.experts, e, merged, g)
-        return
+        return None
+    if router == "exact":
+        keep_expert_rows(block.experts.module, [members[0] for members in groups])
+        for g in range(len(groups)):
+            write_expert(block.experts, g, merged, g)
+        install_expert_groups(block.experts.module, expert_to_group(groups, num).tolist())
+        return None
     fit = None
     if router_mode == "fitted":
         check_fittable_router(block)
@@ -262,7 +274,7 @@ class MergePass:
         self.layer_stats = layer_stats
         self.group_counts = dict(group_counts)
         self.protected = protected or {}
-        self.n_group = n_group if cfg.router == "standard" else 1  # exact keeps every routing group intact
+        self.n_group = n_group if cfg.router == "standard" else 1  # exact routers keep every routing group intact
         self.report = MergeReport()
         self._router_inputs: list[torch.Tensor] = []
 

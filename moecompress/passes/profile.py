@@ -421,6 +421,7 @@ def profile_experts(
     if input_ids.dim() != 2 or input_ids.numel() == 0:
         raise MoeCompressError(f"profiling needs calibration input_ids [n, seqlen], got shape {tuple(input_ids.shape)}")
     lm = model_folder if isinstance(model_folder, LayerwiseModel) else LayerwiseModel(model_folder)
+    lm.require_dense("quantize")
     sweep = ProfilePass(cfg, bit_choices, method)
     start = time.perf_counter()
     run_layerwise(lm, input_ids, [sweep], batch_size=batch_size, progress=progress)

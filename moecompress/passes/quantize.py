@@ -140,7 +140,7 @@ def record_expert_inputs(block: MoEBlockView) -> tuple[_ExpertInputs, list]:
 
     def on_router(_module, _args, out):
         logits = out[0] if isinstance(out, tuple) else out
-        store.probs.append(block.router.probabilities(logits.detach()).reshape(-1, block.num_experts))
+        store.probs.append(block.stored_expert_scores(logits)[1])
 
     handles = [
         block.experts.module.register_forward_pre_hook(on_experts, with_kwargs=True),

@@ -15,6 +15,7 @@ from transformers.quantizers.auto import register_quantization_config, register_
 from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
+from moecompress.model.expert_groups import apply_expert_groups
 from moecompress.quant.packed_modules import ExpertsSpec, PackedExperts, PackedLinear
 
 QUANT_METHOD = "moecompress"
@@ -29,6 +30,8 @@ class MoeCompressConfig(QuantizationConfigMixin):
     fields>}`` (each expert's width in ``bits``) or ``{"type": "linear", "in_features", "out_features",
     "bits", "group_size", "symmetric", "bias"}``. ``provenance`` records tool version, calibration and
     method; ``extra`` is free-form metadata (pruning, protection, allocation) carried for reports.
+    ``expert_groups`` maps an experts module path to its expert -> group map (an exact-router merge:
+    E router outputs, E' stored experts; :mod:`moecompress.model.expert_groups`).
     """
 
     def __init__(
@@ -40,6 +43,7 @@ class MoeCompressConfig(QuantizationConfigMixin):
         version: int = CONFIG_VERSION,
         provenance: dict | None = None,
         extra: dict | None = None,
+        expert_groups: dict[str, list[int]] | None = None,
         **kwargs,
     ):
         self.quant_method = QUANT_METHOD
@@ -50,6 +54,7 @@ class MoeCompressConfig(QuantizationConfigMixin):
         self.version = version
         self.provenance = provenance or {}
         self.extra = extra or {}
+        self.expert_groups = expert_groups or {}
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -61,6 +66,7 @@ class MoeCompressConfig(QuantizationConfigMixin):
             "modules": self.modules,
             "provenance": self.provenance,
             "extra": self.extra,
+            **({"expert_groups": self.expert_groups} if self.expert_groups else {}),
         }
 
     def expert_bits(self) -> dict[str, list[int]]:
@@ -106,6 +112,22 @@ def replace_modules(model: torch.nn.Module, modules: dict[str, dict], dtype: tor
             setattr(parent, attr, build_packed_module(description, dtype, existing))
 
 
+def apply_native_structure(model: torch.nn.Module, quantization_config: dict, dtype: torch.dtype) -> None:
+    """Turn a freshly built (``meta``) skeleton into the structure a native checkpoint holds: packed
+    and wrapped modules first, then expert -> group maps (which may sit on a packed module)."""
+    replace_modules(model, quantization_config.get("modules", {}), dtype)
+    apply_expert_groups(model, quantization_config.get("expert_groups", {}))
+
+
+def native_config(config) -> dict | None:
+    """A config's moecompress ``quantization_config`` as a dict; None when it has none (or another method's)."""
+    qc = getattr(config, "quantization_config", None)
+    if qc is None:
+        return None
+    qc = qc if isinstance(qc, dict) else qc.to_dict()
+    return qc if qc.get("quant_method") == QUANT_METHOD else None
+
+
 @register_quantizer(QUANT_METHOD)
 class MoeCompressHfQuantizer(HfQuantizer):
     """Loads moecompress native checkpoints packed (never dequantized to dense)."""
@@ -116,7 +138,7 @@ class MoeCompressHfQuantizer(HfQuantizer):
         dtype = getattr(model.config, "dtype", None) or torch.get_default_dtype()
         if isinstance(dtype, str):
             dtype = getattr(torch, dtype)
-        replace_modules(model, self.quantization_config.modules, dtype)
+        apply_native_structure(model, self.quantization_config.to_dict(), dtype)
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs):

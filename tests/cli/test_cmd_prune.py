@@ -87,15 +87,20 @@ def test_merge_standard_and_exact(models, tmp_path):
     standard = _run("merge", models / "qwen2_moe", tmp_path / "std", "--num-experts", 2, "--stats", stats, "--json")
     assert standard.exit_code == 0, standard.output
     assert json.loads(standard.stdout)["experts_after"] == 2
-    exact = _run("merge", models / "qwen2_moe", tmp_path / "exact", "--num-experts", 2, "--router", "exact",
-                 "--stats", stats, "--json")
-    assert exact.exit_code == 0, exact.output
-    summary = json.loads(exact.stdout)
-    assert summary["experts_after"] == 4 and summary["group_counts"] == "global threshold"
-    record = json.loads((tmp_path / "exact" / "kept_experts.json").read_text())
-    assert record["router"] == "exact"
-    assert all(sorted(e for g in groups for e in g) == [0, 1, 2, 3] for groups in record["layers"].values())
-    assert "Exact router" in (tmp_path / "exact" / "report.md").read_text()
+    for router in ("exact", "exact-slots"):
+        exact = _run("merge", models / "qwen2_moe", tmp_path / router, "--num-experts", 2, "--router", router,
+                     "--stats", stats, "--json")
+        assert exact.exit_code == 0, exact.output
+        summary = json.loads(exact.stdout)
+        assert summary["experts_after"] == 4 and summary["group_counts"] == "global threshold"
+        assert summary["distinct_experts_after"] == 2
+        record = json.loads((tmp_path / router / "kept_experts.json").read_text())
+        assert record["router"] == router
+        assert all(sorted(e for g in groups for e in g) == [0, 1, 2, 3] for groups in record["layers"].values())
+        report = (tmp_path / router / "report.md").read_text()
+        assert "Exact router" in report and "2 distinct experts" in report
+        config = json.loads((tmp_path / router / "config.json").read_text())
+        assert ("expert_groups" in config.get("quantization_config", {})) == (router == "exact")
     plain = _run("merge", models / "qwen2_moe", tmp_path / "plain", "--num-experts", 2, "--stats", stats, "--no-refit",
                  "--dominance", "reap", "--json")
     assert plain.exit_code == 0, plain.output
@@ -122,6 +127,7 @@ def test_calibration_without_tokenizer_is_refused(tmp_path):
         (["merge", "{m}", "{o}", "--num-experts", "2", "--global", "--stats", "{s}"], "same expert count in every layer"),
         (["merge", "{m}", "{o}", "--num-experts", "2", "--router-mode", "logsumexp_approx", "--stats", "{s}"], "needs a router bias"),
         (["merge", "{m}", "{o}", "--num-experts", "2", "--dominance", "size", "--stats", "{s}"], "unknown --dominance"),
+        (["merge", "{m}", "{o}", "--num-experts", "2", "--router", "slots", "--stats", "{s}"], "unknown --router"),
         (["prune", "{m}", "{o}", "--num-experts", "2", "--refit-damp", "0", "--stats", "{s}"], "--refit-damp must be positive"),
         (["merge", "{m}", "{o}", "--num-experts", "2", "--refit-sweeps", "0", "--stats", "{s}"], "--refit-sweeps must be at least 1"),
         (["prune", "{d}", "{o}", "--num-experts", "5", "--stats", "{ds}"], "routing groups"),

@@ -62,13 +62,13 @@ def _logits(folder):
 def test_merging_identical_experts_gives_back_that_expert(identical_mixtral, tmp_path):
     root = identical_mixtral
     original, source = _logits(root / "model")
-    for router in ("standard", "exact"):
+    for router in ("standard", "exact", "exact-slots"):
         out = tmp_path / router
         merge_job(root / "model", out, MergeConfig(2, router=router), StatsSource(stats_dir=root / "stats"))
         merged, model = _logits(out)
         for layer, old in zip(model.model.layers, source.model.layers):
             experts = layer.mlp.experts
-            assert experts.gate_up_proj.shape[0] == (2 if router == "standard" else 4)
+            assert experts.gate_up_proj.shape[0] == (4 if router == "exact-slots" else 2)
             for e in range(experts.gate_up_proj.shape[0]):
                 assert torch.equal(experts.gate_up_proj[e], old.mlp.experts.gate_up_proj[0])
                 assert torch.equal(experts.down_proj[e], old.mlp.experts.down_proj[0])
@@ -76,13 +76,13 @@ def test_merging_identical_experts_gives_back_that_expert(identical_mixtral, tmp
         assert torch.allclose(merged, original, atol=1e-5), router
 
 
-def test_exact_router_keeps_every_slot_and_members_share_weights(tmp_path):
+def test_exact_slots_router_keeps_every_slot_and_members_share_weights(tmp_path):
     save_tiny_model("qwen3_moe", tmp_path / "model")
     _stats(tmp_path / "model", tmp_path / "stats")
     out = tmp_path / "exact"
-    merge_job(tmp_path / "model", out, MergeConfig(2, router="exact", per_layer=True), StatsSource(stats_dir=tmp_path / "stats"))
+    merge_job(tmp_path / "model", out, MergeConfig(2, router="exact-slots", per_layer=True), StatsSource(stats_dir=tmp_path / "stats"))
     record = json.loads((out / "kept_experts.json").read_text())
-    assert record["router"] == "exact" and record["num_experts_after"] == 4
+    assert record["router"] == "exact-slots" and record["num_experts_after"] == 4
     _, source = _logits(tmp_path / "model")
     _, model = _logits(out)
     for i, layer in enumerate(model.model.layers):

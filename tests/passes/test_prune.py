@@ -189,11 +189,11 @@ def test_planted_super_expert_survives_every_method(family, tmp_path):
         model = AutoModelForCausalLM.from_pretrained(str(out))
         down = describe_model(model).blocks[layer].experts.get(kept.index(victim), "down")
         assert down.abs().max() > 0.5 * planted.abs().max(), method  # still a super expert
-    for router in ("standard", "exact"):
+    for router in ("standard", "exact", "exact-slots"):
         out = tmp_path / f"msmoe_{router}"
         merge_job(tmp_path / "model", out, MergeConfig(keep, router=router), source)
         groups = json.loads((out / "kept_experts.json").read_text())["layers"][str(layer)]
         assert [victim] in groups, router  # a singleton group
         model = AutoModelForCausalLM.from_pretrained(str(out))
-        slot = groups.index([victim]) if router == "standard" else victim
+        slot = victim if router == "exact-slots" else groups.index([victim])
         assert torch.equal(describe_model(model).blocks[layer].experts.get(slot, "down"), planted), router

@@ -69,7 +69,7 @@ def test_refit_after_pruning_lowers_error_and_moves_only_down(tiny, family):
 def test_refit_keeps_exact_merge_slots_shared(tiny):
     folder, stats = tiny["qwen3_moe"]
     config = LayerwiseModel(folder).config
-    merger = MergePass.from_stats(MergeConfig(2, router="exact", per_layer=True), stats, config)
+    merger = MergePass.from_stats(MergeConfig(2, router="exact-slots", per_layer=True), stats, config)
     refit = RefitPass(RefitConfig(damp=0.01), shared_slots=merger.groups_of)
     experts = _sweep(folder, merger, refit)
     for r in refit.records:
@@ -79,6 +79,16 @@ def test_refit_keeps_exact_merge_slots_shared(tiny):
             for e in members[1:]:
                 assert torch.equal(params["down_proj"][e], params["down_proj"][members[0]])
                 assert torch.equal(params["gate_up_proj"][e], params["gate_up_proj"][members[0]])
+
+
+def test_refit_reads_the_expert_to_group_map_of_a_native_exact_merge(tiny):
+    folder, stats = tiny["qwen3_moe"]
+    config = LayerwiseModel(folder).config
+    merger = MergePass.from_stats(MergeConfig(2, router="exact", per_layer=True), stats, config)
+    refit = RefitPass(RefitConfig(damp=0.01))  # one stored expert per group: nothing shared to keep in step
+    experts = _sweep(folder, merger, refit)
+    assert refit.records and all(r.relative_error_after < r.relative_error_before for r in refit.records)
+    assert all(params["down_proj"].shape[0] == 2 for params in experts.values())
 
 
 def test_bad_refit_options_are_refused_before_any_work(tiny, tmp_path):

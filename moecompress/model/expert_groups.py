@@ -1,0 +1,158 @@
+"""Expert -> group maps: E router outputs served by E' stored experts (the exact-router merge format).
+
+M-SMoE's exact router keeps all E router rows and routes every expert id to its group's merged
+expert. The experts module then holds only the E' merged experts, and a forward pre-hook rewrites
+the routing it receives, ``top_k_index [T, k]`` with ids in ``[0, E)``, into group ids in
+``[0, E')`` before the family's own forward (or :class:`~moecompress.quant.packed_modules.PackedExperts`)
+runs. Two selected experts of one group then both reach that group's expert, each with its own
+routing weight: ``(w_a + w_b) * merged(x)``, which is exactly the paper's form.
+
+The map is part of the checkpoint's structure, not of its tensors: ``quantization_config`` (quant
+method ``moecompress``) lists it under ``expert_groups`` as ``{experts module path: [group of expert
+0, group of expert 1, ...]}``; :func:`apply_expert_groups` rebuilds it when the skeleton is built
+(``from_pretrained`` after ``import moecompress``, or the layer-wise loader), before any weight loads.
+
+The hook is registered first among the module's pre-hooks (``prepend=True``), so every later hook
+(statistics, calibration capture, refit) sees the group ids the stored experts are indexed by. The
+map is a plain attribute (a tuple), not a buffer: the layer-wise loader moves layers to ``meta`` and
+back, which would lose a non-persistent buffer's values.
+
+Shape legend: T tokens, k top-k, E router outputs (original experts), E' stored (merged) experts.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import nn
+
+from moecompress.errors import MoeCompressError
+
+MAP_ATTRIBUTE = "moecompress_expert_to_group"
+_HOOK_ATTRIBUTE = "_moecompress_expert_group_hook"
+_COUNT_ATTRIBUTES = ("num_experts", "num_local_experts", "n_routed_experts")
+
+
+def check_expert_to_group(expert_to_group: Sequence[int]) -> int:
+    """Validate a map (every group id used, ids ``0 .. E'-1``); return E'."""
+    ids = [int(g) for g in expert_to_group]
+    if not ids:
+        raise MoeCompressError("an expert -> group map needs at least one expert")
+    num_groups = max(ids) + 1
+    if min(ids) < 0 or sorted(set(ids)) != list(range(num_groups)):
+        raise MoeCompressError(f"expert -> group map {ids} must use every group id 0..{num_groups - 1}; the checkpoint is corrupt")
+    return num_groups
+
+
+def expert_groups_of(module: nn.Module) -> tuple[int, ...] | None:
+    """The expert -> group map installed on an experts module, or None."""
+    return getattr(module, MAP_ATTRIBUTE, None)
+
+
+def _index_position(module: nn.Module, args: tuple, kwargs: dict) -> tuple[str, int | str]:
+    """Where ``top_k_index`` sits in this call: ("args", i) or ("kwargs", name). Families name it
+    differently (GPT-OSS: ``router_indices``), so keyword calls are bound to the forward's signature."""
+    if len(args) >= 2:
+        return "args", 1
+    bound = inspect.signature(module.forward).bind_partial(*args, **kwargs)
+    names = list(bound.arguments)
+    if len(names) < 2 or names[1] not in kwargs:
+        raise MoeCompressError(f"{type(module).__name__} was called without the routing indices; cannot map experts to groups")
+    return "kwargs", names[1]
+
+
+def _map_routing_to_groups(module: nn.Module, args: tuple, kwargs: dict):
+    table = module._moecompress_group_table
+    where, key = _index_position(module, args, kwargs)
+    index = args[key] if where == "args" else kwargs[key]
+    if table.device != index.device:
+        table = module._moecompress_group_table = table.to(index.device)
+    mapped = table[index.long()].to(index.dtype)
+    if where == "args":
+        args = (*args[:key], mapped, *args[key + 1 :])
+    else:
+        kwargs = {**kwargs, key: mapped}
+    return args, kwargs
+
+
+def install_expert_groups(module: nn.Module, expert_to_group: Sequence[int]) -> None:
+    """Make ``module`` (E' stored experts) accept expert ids ``[0, E)`` routed through the map.
+
+    Idempotent: installing again replaces the map (a module never carries two hooks).
+    """
+    num_groups = check_expert_to_group(expert_to_group)
+    stored = stored_expert_count(module)
+    if stored is not None and stored != num_groups:
+        raise MoeCompressError(f"the expert -> group map has {num_groups} groups but the module stores {stored} experts")
+    ids = tuple(int(g) for g in expert_to_group)
+    setattr(module, MAP_ATTRIBUTE, ids)
+    module._moecompress_group_table = torch.tensor(ids, dtype=torch.long, device="cpu")
+    old = getattr(module, _HOOK_ATTRIBUTE, None)
+    if old is not None:
+        old.remove()
+    handle = module.register_forward_pre_hook(_map_routing_to_groups, with_kwargs=True, prepend=True)
+    setattr(module, _HOOK_ATTRIBUTE, handle)
+
+
+def stored_expert_count(module: nn.Module) -> int | None:
+    """Experts a module stores: rows of ``down_proj`` (family modules) or its spec (packed modules)."""
+    spec = getattr(module, "spec", None)
+    if spec is not None and hasattr(spec, "num_experts"):
+        return int(spec.num_experts)
+    down = getattr(module, "down_proj", None)
+    return int(down.shape[0]) if isinstance(down, torch.Tensor) else None
+
+
+@torch.no_grad()
+def keep_expert_rows(module: nn.Module, slots: Sequence[int]) -> None:
+    """Rebuild a family experts module to hold ``E' = len(slots)`` experts, row r = old expert ``slots[r]``.
+
+    Every direct parameter/buffer with E rows becomes a NEW ``[E', ...]`` tensor (works on ``meta``
+    too: only shapes then), and the count attributes the forward reads (``num_experts``) follow.
+    """
+    old = stored_expert_count(module)
+    if old is None:
+        raise MoeCompressError(f"{type(module).__name__} is not an experts module; cannot resize it")
+    ids = [int(e) for e in slots]
+    if not ids or min(ids) < 0 or max(ids) >= old:
+        raise MoeCompressError(f"expert slots {ids} must be ids in [0, {old})")
+    # Explicit device: transformers builds skeletons under a default-device context (meta).
+    index = torch.tensor(ids, dtype=torch.long, device="cpu")
+    new = len(ids)
+    for name, param in list(module.named_parameters(recurse=False)):
+        if param.ndim >= 1 and param.shape[0] == old:
+            rows = param.detach().index_select(0, index.to(param.device)).clone()
+            setattr(module, name, nn.Parameter(rows, requires_grad=param.requires_grad))
+    for name, buf in list(module.named_buffers(recurse=False)):
+        if buf is not None and buf.ndim >= 1 and buf.shape[0] == old:
+            persistent = name not in module._non_persistent_buffers_set
+            module.register_buffer(name, buf.index_select(0, index.to(buf.device)).clone(), persistent=persistent)
+    for attr in _COUNT_ATTRIBUTES:
+        if isinstance(getattr(module, attr, None), int) and getattr(module, attr) == old:
+            setattr(module, attr, new)
+
+
+def apply_expert_groups(model: nn.Module, expert_groups: Mapping[str, Sequence[int]]) -> None:
+    """Rebuild the grouped experts modules of a freshly built skeleton (before weights load).
+
+    Family experts modules still have E rows: they are shrunk to E' (on ``meta``: shapes only).
+    Packed modules already hold E' experts (their spec says so). Then the map is installed.
+    """
+    for path, expert_to_group in expert_groups.items():
+        try:
+            module = model.get_submodule(path)
+        except AttributeError:
+            raise MoeCompressError(f"the checkpoint groups the experts of {path!r}, which this model does not have") from None
+        num_groups = check_expert_to_group(expert_to_group)
+        if stored_expert_count(module) != num_groups and getattr(module, "spec", None) is None:
+            keep_expert_rows(module, range(num_groups))
+        install_expert_groups(module, expert_to_group)
+
+
+def routed_expert_count(module: nn.Module) -> int | None:
+    """E: the number of expert ids the router emits into this experts module (the map's length when
+    grouped, else the stored count)."""
+    groups = expert_groups_of(module)
+    return len(groups) if groups is not None else stored_expert_count(module)
