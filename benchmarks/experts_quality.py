@@ -247,9 +247,11 @@ NOTES_TABLE = """\
 `msmoe-dominant` / `msmoe-weighted`: standard router (E' rows), router row of a group = its dominant
 expert's row / the frequency-weighted mean of its members' rows (`merged_router_rows`). The third
 construction, `logsumexp_approx`, adds a per-group bias H(p) and cannot be stored for this router,
-which has no bias. `msmoe-exact`: all 16 router rows and expert slots kept, members of a group share
-the merged weights (routing weights of selected experts in the same group add up — MC-SMoE's exact
-form); the same number of DISTINCT experts as the other rows, but the file is not smaller.
+which has no bias. `msmoe-exact`: all 16 router rows kept, the N merged experts stored once each
+behind an expert -> group map (routing weights of selected experts in the same group add up —
+MC-SMoE's exact form; native checkpoint, loads after `import moecompress`). Its size is that of the
+other rows plus the 16-row router; `--router exact-slots` writes the same model as a plain
+checkpoint with 16 slots (same outputs, original size).
 `msmoe-exact-global`: the same with MC-SMoE's global frequency threshold (N groups per layer on
 average, more in layers with flatter routing). `+refit`: the same followed by the output refit (the
 CLI default; calibration: the statistics' set, mixed 64 x 256, seed 0). `-reapdom`: M-SMoE with the
@@ -279,7 +281,9 @@ reproduce the original layer's routed output on the calibration tokens
 - **M-SMoE vs frequency**: the exact router (every member keeps routing to its group's merged expert)
   beats frequency pruning at 8 and 4 of 16, with and without the refit (+8.1% vs +10.1% and +24.4%
   vs +27.2% refitted), and MC-SMoE's global threshold is the best retraining-free variant at 4 of 16
-  without refit (+58.3%). It loses at 12 of 16 by 0.05 points. The standard router (E' rows, a
+  without refit (+58.3%). It loses at 12 of 16 by 0.05 points. Its native checkpoint stores only the
+  merged experts (33.3 / 24.3 / 15.3 MiB at 12 / 8 / 4, like the pruned ones; the router keeps its
+  16 rows). The standard router (E' rows, a
   smaller file) loses to frequency pruning like for like at every ratio: with the dominant's row it
   routes exactly like frequency pruning and only adds the averaging of dissimilar members (router
   cosine to the dominant 0.34 at 8 of 16, 0.10 at 4 of 16), which blurs the dominant expert. With the

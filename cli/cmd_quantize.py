@@ -85,6 +85,12 @@ def quantize(
     cfg.validate()
     if out_format not in ("native", "compressed-tensors"):
         raise MoeCompressError(f"--format must be native or compressed-tensors, got {out_format!r}")
+    if out_format == "compressed-tensors":
+        from moecompress.export.compressed_tensors import check_no_expert_groups
+        from moecompress.model.loading import read_config
+        from moecompress.quant.hf_integration import native_config
+
+        check_no_expert_groups((native_config(read_config(model)) or {}), str(model))
     mp = None
     if bits_budget is not None:
         mp = _mixed_precision_config(bits_budget, bit_choices, granularity, allocation, super_experts, profile_method, min_bits, max_bits, alpha, beta, out_format, cfg)

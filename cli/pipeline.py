@@ -270,8 +270,32 @@ def _check_order(p: Pipeline, node) -> None:
             raise PipelineError(f"{p.path}:{step.line}: quantize appears twice (first on line {packed_at.line})")
     if p.export["format"] == "compressed-tensors" and packed_at is None:
         raise PipelineError(f"{p.path}: export.format compressed-tensors needs a quantize pass")
+    _check_expert_groups(p)
     if not any(PASSES_PRODUCING_MODELS.get(s.name, True) for s in p.passes):
         raise PipelineError(f"{p.path}: no pass writes a model to export")
+
+
+# Passes that cannot read experts behind an expert -> group map (merge --router exact).
+READS_UNGROUPED_ONLY = ("prune", "merge", "compress_experts")
+
+
+def _check_expert_groups(p: Pipeline) -> None:
+    """An exact-router merge writes a native checkpoint (E' experts + map): only quantize may follow,
+    and it exports natively."""
+    grouped = next((s for s in p.passes if s.name == "merge" and s.fields.get("router") == "exact"), None)
+    if grouped is None:
+        return
+    later = next((s for s in p.passes if s.line > grouped.line and s.name in READS_UNGROUPED_ONLY), None)
+    if later is not None:
+        raise PipelineError(
+            f"{p.path}:{later.line}: pass {later.name} cannot read the expert -> group map that merge (line {grouped.line}) "
+            "writes with router: exact; use router: standard or exact-slots, or drop this pass"
+        )
+    if p.export["format"] != "native":
+        raise PipelineError(
+            f"{p.path}:{grouped.line}: merge with router: exact writes a native checkpoint (an expert -> group map), which "
+            f"export.format {p.export['format']} cannot hold; use format: native, or router: standard or exact-slots"
+        )
 
 
 PASSES_PRODUCING_MODELS = {"stats": False}

@@ -214,6 +214,15 @@ def _native_config(folder: Path) -> dict:
     return config
 
 
+def check_no_expert_groups(quantization_config: dict, where: str) -> None:
+    """compressed-tensors has no expert -> group map: refuse an exact-router merge (it would load wrong)."""
+    if quantization_config.get("expert_groups"):
+        raise MoeCompressError(
+            f"{where} holds merged experts behind an expert -> group map (merge --router exact), which compressed-tensors "
+            "cannot express; use --format native, or merge with --router standard or exact-slots"
+        )
+
+
 def check_exportable(modules: dict[str, dict], allow_mixed_layers: bool = False) -> None:
     """vLLM's rules the export can guarantee up front: every expert quantized, one width per layer."""
     for path, d in modules.items():
@@ -282,6 +291,7 @@ def convert_native_to_compressed_tensors(
     config = _native_config(native)
     qc = config["quantization_config"]
     modules: dict[str, dict] = qc.get("modules", {})
+    check_no_expert_groups(qc, str(native))
     check_exportable(modules, allow_mixed_layers)
     index_path = native / "model.safetensors.index.json"
     try:

@@ -136,6 +136,25 @@ def test_bad_options_are_one_line_errors_without_partial_output(model_dir, tmp_p
     assert _siblings(out) == [], "no OUT and no staging folder"
 
 
+def test_quantized_and_exact_merged_sources_are_refused_where_unreadable(bare_model_dir, tmp_path):
+    from moecompress.calibration.sources import CalibrationSet
+    from moecompress.calibration.stats import collect_stats
+    from moecompress.jobs_experts import StatsSource, merge_job
+    from moecompress.model.loading import LayerwiseModel
+    from moecompress.passes.merge import MergeConfig
+
+    quantized = tmp_path / "q"
+    assert _quantize(bare_model_dir, quantized, "--method", "rtn", "--group-size", 32).exit_code == 0
+    _one_line_error(_quantize(quantized, tmp_path / "qq", "--method", "rtn"), "run quantize on the unquantized model")
+    ids = torch.randint(3, 200, (4, 16), generator=torch.Generator().manual_seed(0))
+    collect_stats(LayerwiseModel(bare_model_dir), CalibrationSet(ids, None, "random"), batch_size=4).save(tmp_path / "stats")
+    merge_job(bare_model_dir, tmp_path / "exact", MergeConfig(2, router="exact", per_layer=True), StatsSource(stats_dir=tmp_path / "stats"))
+    _one_line_error(_quantize(tmp_path / "exact", tmp_path / "ct", "--method", "rtn", "--group-size", 32, "--format", "compressed-tensors"),
+                    "cannot express")
+    assert not (tmp_path / "qq").exists() and not (tmp_path / "ct").exists()
+    assert _quantize(tmp_path / "exact", tmp_path / "native", "--method", "rtn", "--group-size", 32).exit_code == 0
+
+
 def test_missing_model_folder_and_existing_out_are_one_line_errors(model_dir, tmp_path):
     _one_line_error(_quantize(tmp_path / "nope", tmp_path / "out", "--method", "rtn"), "does not exist")
     assert not (tmp_path / "out").exists()

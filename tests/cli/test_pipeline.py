@@ -79,6 +79,8 @@ BAD_CASES = {
     "missing model": ("passes:\n  - quantize: {bits: 4}\nexport: {output: O}\n", 1, "missing 'model'"),
     "two exports": ("model: M\npasses:\n  - quantize: {bits: 4}\nexport: {output: O}\nexport: {output: P}\n", 5, "given twice"),
     "prune after quantize": ("model: M\npasses:\n  - quantize: {bits: 4}\n  - prune: {method: reap}\nexport: {output: O}\n", 4, "cannot run after quantize"),
+    "prune after exact merge": ("model: M\npasses:\n  - merge: {num_experts: 2, router: exact}\n  - prune: {method: reap}\nexport: {output: O}\n", 4, "cannot read the expert -> group map"),
+    "exact merge to hf": ("model: M\npasses:\n  - merge: {num_experts: 2, router: exact}\nexport: {format: hf, output: O}\n", 3, "cannot hold"),
     "unknown top key": ("model: M\nmodle: x\npasses:\n  - quantize: {}\nexport: {output: O}\n", 2, "unknown key 'modle'"),
 }
 
