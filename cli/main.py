@@ -45,7 +45,8 @@ def inspect(
     rows = [
         ("model type", s.model_type + (" (generic path)" if s.generic_path else "")),
         ("layers", f"{s.num_layers} ({len(s.moe_layers)} MoE: {s.moe_layers})"),
-        ("experts / top-k", f"{s.num_experts} / {s.top_k}"),
+        ("experts / top-k", f"{s.num_experts} / {s.top_k}"
+                            + (f" (router: {s.router_outputs} expert ids -> {s.num_experts} merged experts)" if s.router_outputs else "")),
         ("router", s.router_kind),
         ("shared experts", "yes" if s.has_shared_experts else "no"),
         ("expert layout", f"{s.expert_layout}; H={s.expert_hidden_size}, I={s.expert_intermediate_size}"),

@@ -53,23 +53,34 @@ def expert_groups_of(module: nn.Module) -> tuple[int, ...] | None:
 
 def _index_position(module: nn.Module, args: tuple, kwargs: dict) -> tuple[str, int | str]:
     """Where ``top_k_index`` sits in this call: ("args", i) or ("kwargs", name). Families name it
-    differently (GPT-OSS: ``router_indices``), so keyword calls are bound to the forward's signature."""
+    differently (GPT-OSS: ``router_indices``): the forward's second parameter, by name."""
     if len(args) >= 2:
         return "args", 1
-    bound = inspect.signature(module.forward).bind_partial(*args, **kwargs)
-    names = list(bound.arguments)
+    names = list(inspect.signature(module.forward).parameters)
     if len(names) < 2 or names[1] not in kwargs:
         raise MoeCompressError(f"{type(module).__name__} was called without the routing indices; cannot map experts to groups")
     return "kwargs", names[1]
 
 
+def _group_table(module: nn.Module, device: torch.device) -> torch.Tensor:
+    """``[E + 1]`` long on ``device``: expert id -> group id, and a last entry E' for ids outside
+    ``[0, E)`` (expert-parallel sentinels), which the family's forward treats as 'no expert' as before.
+    Cached per device; always rebuilt from the map itself (a meta-device call cannot poison it)."""
+    cache = module.__dict__.setdefault("_moecompress_group_tables", {})
+    key = str(device)
+    if key not in cache:
+        ids = expert_groups_of(module)
+        cache[key] = torch.tensor([*ids, max(ids) + 1], dtype=torch.long, device=device)
+    return cache[key]
+
+
 def _map_routing_to_groups(module: nn.Module, args: tuple, kwargs: dict):
-    table = module._moecompress_group_table
     where, key = _index_position(module, args, kwargs)
     index = args[key] if where == "args" else kwargs[key]
-    if table.device != index.device:
-        table = module._moecompress_group_table = table.to(index.device)
-    mapped = table[index.long()].to(index.dtype)
+    table = _group_table(module, index.device)
+    num = table.shape[0] - 1
+    safe = torch.where((index >= 0) & (index < num), index.long(), num)
+    mapped = table[safe].to(index.dtype)
     if where == "args":
         args = (*args[:key], mapped, *args[key + 1 :])
     else:
@@ -88,7 +99,7 @@ def install_expert_groups(module: nn.Module, expert_to_group: Sequence[int]) -> 
         raise MoeCompressError(f"the expert -> group map has {num_groups} groups but the module stores {stored} experts")
     ids = tuple(int(g) for g in expert_to_group)
     setattr(module, MAP_ATTRIBUTE, ids)
-    module._moecompress_group_table = torch.tensor(ids, dtype=torch.long, device="cpu")
+    module.__dict__.pop("_moecompress_group_tables", None)
     old = getattr(module, _HOOK_ATTRIBUTE, None)
     if old is not None:
         old.remove()

@@ -28,6 +28,8 @@ class ModelSummary:
     params_active: int
     checkpoint_bytes: int
     estimated_bytes: dict[str, int] = field(default_factory=dict)
+    # Expert ids the router emits when they differ from the stored experts (an exact-router merge).
+    router_outputs: int | None = None
 
     def as_json(self) -> dict:
         return asdict(self)
@@ -40,7 +42,8 @@ def summarize(folder: str | Path, group_size: int = 128) -> ModelSummary:
     first = view.blocks[view.moe_layers[0]]
     total = sum(p.numel() for p in lm.model.parameters())
     routed = sum(b.experts.num_experts * b.experts.params_per_expert() for b in view.blocks.values())
-    inactive = sum((b.num_experts - b.top_k) * b.experts.params_per_expert() for b in view.blocks.values())
+    # A token computes at most top-k stored experts (fewer when an exact-router merge stores fewer than k).
+    inactive = sum((b.num_experts - min(b.top_k, b.num_experts)) * b.experts.params_per_expert() for b in view.blocks.values())
     estimated = {}
     for bits in SIZE_BITS:
         # Routed experts at `bits` (+ fp16 scale per group when quantized); everything else stays 16-bit.
@@ -63,4 +66,5 @@ def summarize(folder: str | Path, group_size: int = 128) -> ModelSummary:
         params_active=total - inactive,
         checkpoint_bytes=lm.checkpoint.total_bytes(),
         estimated_bytes=estimated,
+        router_outputs=len(first.expert_to_group) if first.expert_to_group is not None else None,
     )

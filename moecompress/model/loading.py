@@ -177,7 +177,7 @@ class LayerwiseModel:
         if self.expert_groups:
             raise MoeCompressError(
                 f"{self.folder} holds merged experts behind an expert -> group map (merge --router exact); "
-                f"run {command} on the model before merging, or merge with --router standard"
+                f"run {command} on the model before merging, or merge with --router standard or exact-slots"
             )
 
     @property

@@ -304,6 +304,13 @@ def super_experts_for(profile: ExpertProfile, stats_dir: str | Path | None) -> t
         from moecompress.calibration.stats import RouterStats
 
         stats = RouterStats.load(stats_dir)
+        # Statistics of another model (e.g. the one before pruning or merging) name other expert ids.
+        shapes = {i: p.num_experts for i, p in profile.layers.items()}
+        if {i: layer.num_experts for i, layer in stats.layers.items()} != shapes:
+            raise MoeCompressError(
+                f"the statistics in {stats_dir} describe other experts than this model stores (MoE layers or expert counts "
+                "differ; e.g. they were collected before pruning or merging); collect statistics on this model"
+            )
         return list(stats.super_experts), f"{Path(stats_dir) / 'stats.json'}"
     return profile.super_experts(), "the profiling sweep's output_max"
 

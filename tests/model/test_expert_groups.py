@@ -18,6 +18,7 @@ from moecompress.errors import MoeCompressError
 from moecompress.evaluate import folder_bytes
 from moecompress.jobs_experts import StatsSource, merge_job, prune_job
 from moecompress.model.expert_groups import (
+    _map_routing_to_groups,
     check_expert_to_group,
     expert_groups_of,
     install_expert_groups,
@@ -78,6 +79,22 @@ def test_map_survives_meta_round_trip_and_reinstalling_keeps_one_hook():
     index = torch.tensor([[0, 1], [2, 3]])
     module(torch.zeros(2, block.experts.hidden_size), index, torch.ones(2, 2))
     assert seen[0].tolist() == [[1, 0], [0, 1]]  # later hooks see group ids
+
+
+@torch.no_grad()
+def test_out_of_range_ids_stay_sentinels_and_a_meta_call_does_not_break_later_calls():
+    block = _experts()
+    module = block.experts.module
+    keep_expert_rows(module, [0, 1])
+    install_expert_groups(module, [0, 1, 1, 0])
+    seen = []
+    module.register_forward_pre_hook(lambda m, args: seen.append(args[1].clone()))
+    h = block.experts.hidden_size
+    # A shape-only (meta) pass reaches the hook; the family forward itself cannot run on meta.
+    _map_routing_to_groups(module, (torch.zeros(2, h, device="meta"), torch.zeros(2, 2, dtype=torch.long, device="meta")), {})
+    index = torch.tensor([[0, 4], [-1, 2]])  # 4 = E and -1: expert-parallel style "no expert here"
+    module(torch.zeros(2, h), index, torch.ones(2, 2))
+    assert seen[-1].tolist() == [[0, 2], [2, 1]]  # E' = 2 is the family's own sentinel (>= num_experts)
 
 
 @pytest.mark.parametrize(
@@ -174,6 +191,16 @@ def test_quantizing_an_exact_merge_keeps_the_map(merged, tmp_path):
     merged_model = AutoModelForCausalLM.from_pretrained(str(folder)).eval()
     a, b = quantized(input_ids=IDS).logits, merged_model(input_ids=IDS).logits
     assert (a - b).norm() / b.norm() < 0.05  # 8-bit: close to the merged model
+
+
+def test_inspect_counts_stored_experts_and_names_the_router_outputs(merged):
+    from moecompress.model.inspect import summarize
+
+    root, counts = merged
+    s = summarize(root / "qwen3_moe-exact")
+    assert s.num_experts == counts["qwen3_moe"] // 2 and s.router_outputs == counts["qwen3_moe"]
+    assert s.params_active <= s.params_total
+    assert summarize(root / "qwen3_moe-exact-slots").router_outputs is None
 
 
 def test_commands_that_cannot_read_an_exact_merge_refuse_it(merged, tmp_path):

@@ -140,6 +140,24 @@ def test_planted_super_expert_is_protected(planted, planted_stats, tmp_path, mod
     assert (result.out / "profile" / "profile.json").is_file()
 
 
+def test_statistics_of_another_model_are_refused(planted, planted_stats, tmp_path):
+    """Super experts name expert ids: statistics collected before pruning or merging name other ones."""
+    import shutil
+
+    from moecompress.calibration.sources import CalibrationSet
+    from moecompress.calibration.stats import collect_stats
+    from moecompress.model.loading import LayerwiseModel
+
+    save_tiny_model("qwen3_moe", tmp_path / "other", num_experts=2)
+    stats_dir = tmp_path / "stats"
+    shutil.copytree(planted_stats, stats_dir)  # the planted model's own profile ...
+    collect_stats(LayerwiseModel(tmp_path / "other"), CalibrationSet(_ids(), None, "random"), batch_size=4).save(stats_dir)
+    mp = MixedPrecisionConfig(budget=3.0, super_experts="pin")  # ... with another model's statistics
+    with pytest.raises(MoeCompressError, match="collect statistics on this model"):
+        mixed_precision_job(planted, tmp_path / "o", mp, QCFG, None, CALIB, stats_dir=stats_dir)
+    assert not (tmp_path / "o").exists()
+
+
 def test_without_protection_the_planted_expert_is_budgeted(planted, planted_stats, tmp_path):
     mp = MixedPrecisionConfig(budget=2.5, super_experts="none", bit_choices=(2, 3))
     result, _q, res = mixed_precision_job(planted, tmp_path / "o", mp, QCFG, None, CALIB, stats_dir=planted_stats)
