@@ -390,6 +390,7 @@ def merge_job(
             # What each layer stores (exact-slots: distinct weights), against the router's outputs in experts_after.
             "distinct_experts_after": round(sum(merger.group_counts.values()) / max(len(merger.group_counts), 1), 2),
             "dominance": cfg.dominance,
+            "merge_weights": cfg.merge_weights,
             "router_mode": cfg.router_mode if cfg.router == "standard" else None,
             "group_counts": "per-layer" if cfg.uses_per_layer else "global threshold",
             "groups_per_layer": {str(i): n for i, n in merger.group_counts.items()},
@@ -513,7 +514,9 @@ def write_merge_report(path: Path, details: dict, merger: MergePass) -> Path:
     summary_rows.insert(3, ("router", f"{details['router']}" + (f" ({details['router_mode']} rows)" if details["router_mode"] else "")))
     summary_rows.insert(4, ("dominant experts", "most used (M-SMoE)" if details.get("dominance", "frequency") == "frequency"
                             else "highest REAP saliency"))
-    summary_rows.insert(5, ("group counts", f"{details['group_counts']}: " + ", ".join(
+    summary_rows.insert(5, ("merge weights", "usage frequency (M-SMoE)" if details.get("merge_weights", "frequency") == "frequency"
+                            else "RegMean on each member's calibration inputs"))
+    summary_rows.insert(6, ("group counts", f"{details['group_counts']}: " + ", ".join(
         f"layer {i}: {n}" for i, n in details["groups_per_layer"].items())))
     rows = []
     for r in merger.report.layers:

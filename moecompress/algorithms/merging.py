@@ -18,7 +18,7 @@ alignment is run before averaging for GLU experts too (the Mixtral script merges
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 from scipy.optimize import linear_sum_assignment
@@ -220,15 +220,60 @@ def global_group_counts(
 # ----------------------------------------------------------------------------- merging
 
 
+# RegMean's shrinkage of the Gram matrices' off-diagonal entries (Jin et al. 2023 use 0.9 for LMs):
+# G~ = a G + (1 - a) diag(G) keeps the solve well conditioned when a member saw few tokens.
+REGMEAN_ALPHA = 0.9
+REGMEAN_RIDGE = 1e-6  # relative to the mean diagonal: only guards exactly singular sums
+
+
+def regmean_combine(weights: torch.Tensor, grams: torch.Tensor, alpha: float = REGMEAN_ALPHA) -> torch.Tensor | None:
+    """RegMean (Jin et al., "Dataless Knowledge Fusion by Merging Weights of Language Models", 2023).
+
+    weights ``[m, out, in]`` (each member's linear map, nn.Linear layout), grams ``[m, in, in]`` with
+    ``G_e = X_e^T X_e`` over the inputs member e sees -> the ``W [out, in]`` minimising
+    ``sum_e ||X_e W^T - X_e W_e^T||^2``: ``W = (sum_e W_e G~_e)(sum_e G~_e)^-1``, with
+    ``G~ = alpha G + (1 - alpha) diag(G)``. When every member's inputs share one covariance,
+    ``G_e ~ n_e C`` and this is exactly the token-count (frequency) weighted average M-SMoE uses; when
+    they differ, each member's map is kept on the inputs it actually receives. Computed as
+    ``W_0 + sum_e (W_e - W_0) G~_e S^-1`` (the same value), so identical members give ``W_0`` exactly.
+    Returns None when no member saw any input (all Grams zero): the caller falls back.
+    """
+    m, out, n_in = weights.shape
+    if grams.shape != (m, n_in, n_in):
+        raise MoeCompressError(f"grams must be [m, in, in] = {(m, n_in, n_in)}; got {tuple(grams.shape)}")
+    g = grams.to(torch.float64)
+    diag = torch.diag_embed(torch.diagonal(g, dim1=-2, dim2=-1))
+    shrunk = alpha * g + (1 - alpha) * diag  # [m, in, in]
+    total = shrunk.sum(0)
+    scale = float(torch.diagonal(total).mean())
+    if not scale > 0:
+        return None
+    total = total + REGMEAN_RIDGE * scale * torch.eye(n_in, dtype=torch.float64, device=total.device)
+    w = weights.to(torch.float64)
+    delta = torch.einsum("moi,mij->oj", w[1:] - w[:1], shrunk[1:])  # sum_e (W_e - W_0) G~_e   [out, in]
+    # X S = delta with S symmetric  <=>  S X^T = delta^T
+    update = torch.linalg.solve(total, delta.T).T
+    return (w[0] + update).to(weights.dtype)
+
+
 def merge_group(
-    gate: torch.Tensor | None, up: torch.Tensor, down: torch.Tensor, freq: torch.Tensor
+    gate: torch.Tensor | None,
+    up: torch.Tensor,
+    down: torch.Tensor,
+    freq: torch.Tensor,
+    input_grams: torch.Tensor | None = None,
+    activation_grams: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
-    """Merge m experts into one: align each to the first (dominant), then frequency-weighted average.
+    """Merge m experts into one: align each to the first (dominant), then average.
 
     gate/up ``[m, I, H]`` (gate may be None), down ``[m, H, I]``, freq ``[m]`` -> gate/up ``[I, H]``,
-    down ``[H, I]``, ``W = sum_e f_e W_e / sum_e f_e``. Computed as ``W_0 + sum_e (f_e / F)(W_e - W_0)``
-    (same value) so that merging identical experts returns the dominant one bit-exactly. All-zero
-    frequencies use equal weights.
+    down ``[H, I]``. M-SMoE's merge is the frequency-weighted average ``W = sum_e f_e W_e / sum_e f_e``,
+    computed as ``W_0 + sum_e (f_e / F)(W_e - W_0)`` (same value) so that merging identical experts
+    returns the dominant one bit-exactly. All-zero frequencies use equal weights.
+
+    Our option (``--merge-weights regmean``): with ``input_grams [m, H, H]`` (each member's routed
+    inputs) gate and up are merged by :func:`regmean_combine` instead, and with ``activation_grams
+    [m, I, I]`` (each member's intermediate activations, in the member's own neuron order) down too.
     """
     if up.ndim != 3 or down.shape != (up.shape[0], up.shape[2], up.shape[1]):
         raise MoeCompressError(
@@ -244,14 +289,29 @@ def merge_group(
 
     ref = (None if gate is None else gate[0], up[0], down[0])
     merged = [None if w is None else w.to(torch.float32).clone() for w in ref]
+    aligned_members = [ref]
+    act_grams = None if activation_grams is None else [activation_grams[0]]
     for e in range(1, m):
         member = (None if gate is None else gate[e], up[e], down[e])
-        aligned = apply_permutation(*member, align_permutation(*ref, *member))
+        perm = align_permutation(*ref, *member)
+        aligned = apply_permutation(*member, perm)
+        aligned_members.append(aligned)
+        if act_grams is not None:
+            act_grams.append(activation_grams[e][perm][:, perm])  # the Gram follows its neurons
         for acc, base, w in zip(merged, ref, aligned):
             if acc is not None:
                 acc += weights[e] * (w.to(torch.float32) - base.to(torch.float32))
     # W_0 + sum_{e>0} (f_e/F)(W_e - W_0) == sum_e (f_e/F) W_e since the weights sum to 1.
-    return tuple(None if acc is None else acc.to(base.dtype) for acc, base in zip(merged, ref))
+    result = [None if acc is None else acc.to(base.dtype) for acc, base in zip(merged, ref)]
+    if m > 1 and input_grams is not None:
+        for p in (0, 1):  # gate, up: linear maps of the routed input
+            if result[p] is not None:
+                fitted = regmean_combine(torch.stack([a[p].float() for a in aligned_members]), input_grams.float())
+                result[p] = result[p] if fitted is None else fitted.to(ref[p].dtype)
+    if m > 1 and act_grams is not None:
+        fitted = regmean_combine(torch.stack([a[2].float() for a in aligned_members]), torch.stack(act_grams).float())
+        result[2] = result[2] if fitted is None else fitted.to(ref[2].dtype)
+    return tuple(result)
 
 
 def merge_experts(
@@ -260,20 +320,27 @@ def merge_experts(
     down: torch.Tensor,
     groups: Sequence[Sequence[int]],
     freq: torch.Tensor,
+    grams: Callable[[Sequence[int]], tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
     """Merge a layer's experts by ``groups`` (first member dominant): gate/up ``[E, I, H]``, down
-    ``[E, H, I]``, freq ``[E]`` -> gate/up ``[E', I, H]``, down ``[E', H, I]`` in group order."""
+    ``[E, H, I]``, freq ``[E]`` -> gate/up ``[E', I, H]``, down ``[E', H, I]`` in group order.
+
+    ``grams(members)`` -> (input Grams ``[m, H, H]``, activation Grams ``[m, I, I]``) of one group's
+    members selects RegMean merging (see :func:`merge_group`); asked only for groups of 2 or more."""
     expert_to_group(groups, up.shape[0])  # validates the partition
     freq = torch.as_tensor(freq)
     outs = []
     for members in groups:
         idx = torch.as_tensor(list(members), dtype=torch.long, device=up.device)
+        input_grams, activation_grams = grams(members) if grams is not None and len(members) > 1 else (None, None)
         outs.append(
             merge_group(
                 None if gate is None else gate.index_select(0, idx),
                 up.index_select(0, idx),
                 down.index_select(0, idx),
                 freq[idx.cpu()],
+                input_grams,
+                activation_grams,
             )
         )
     gates, ups, downs = zip(*outs)

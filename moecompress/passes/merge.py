@@ -11,7 +11,12 @@ Per MoE layer (``MergePass.process``):
 3. merging (:func:`~moecompress.algorithms.merging.merge_experts`): every member's neurons aligned to
    the dominant expert (Hungarian weight matching), then a frequency-weighted average (gate/up
    biases travel with their neuron, see :mod:`moecompress.passes.prune`; ``down_proj_bias`` is
-   averaged with the same weights);
+   averaged with the same weights). Our option ``merge_weights="regmean"`` replaces the average by
+   RegMean (:func:`~moecompress.algorithms.merging.regmean_combine`): gate/up are solved from each
+   member's routed calibration inputs, down from each member's intermediate activations, so the
+   merged expert keeps every member's map on the inputs that member receives (the frequency average
+   is the special case of members with identically distributed inputs). Needs the calibration set
+   to flow through the rewrite sweep, like the refit;
 4. router:
 
    * ``standard`` — an ordinary E'-expert checkpoint: slot g holds group g's merged expert and the
@@ -35,7 +40,7 @@ Shape legend: E experts, E' groups, I intermediate size, H hidden size.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -49,7 +54,7 @@ from moecompress.algorithms.merging import (
     merge_experts,
     merged_router_rows,
 )
-from moecompress.calibration.stats import LayerStats, RouterStats
+from moecompress.calibration.stats import LayerStats, RouterStats, routing_call_args
 from moecompress.errors import MoeCompressError
 from moecompress.export.standard import resize_experts, routing_groups, set_router_rows
 from moecompress.model.driver import LayerContext
@@ -68,6 +73,8 @@ DOMINANCE = ("frequency", "reap")
 # "fitted": rows fitted on calibration router inputs to the exact per-group routing mass
 # (fit_group_router_rows); needs the calibration set to flow through the rewrite sweep.
 STANDARD_ROUTER_MODES = ROUTER_MODES + ("fitted",)
+# How the aligned members are averaged: M-SMoE's usage frequencies, or RegMean on calibration inputs.
+MERGE_WEIGHTS = ("frequency", "regmean")
 FITTED_SCORINGS = ("softmax", "topk_softmax")
 # Measured on the testbed at 8 of 16 experts (reports/experts.md, benchmarks/experts_quality.py):
 # geometric-mean held-out perplexity 38.81 with the dominant member's row vs 39.27 with the
@@ -90,11 +97,12 @@ class MergeConfig:
     per_layer: bool | None = None
     protect_super_experts: bool = True
     dominance: str = "frequency"
+    merge_weights: str = "frequency"
 
     @property
     def needs_activations(self) -> bool:
-        """True when merging itself needs calibration activations (fitted router rows)."""
-        return self.router == "standard" and self.router_mode == "fitted"
+        """True when merging itself needs calibration activations (fitted router rows, RegMean)."""
+        return (self.router == "standard" and self.router_mode == "fitted") or self.merge_weights == "regmean"
 
     @property
     def uses_per_layer(self) -> bool:
@@ -109,6 +117,8 @@ class MergeConfig:
             raise MoeCompressError(f"unknown --router-mode {self.router_mode!r}; choose one of {', '.join(STANDARD_ROUTER_MODES)}")
         if self.dominance not in DOMINANCE:
             raise MoeCompressError(f"unknown --dominance {self.dominance!r}; choose one of {', '.join(DOMINANCE)}")
+        if self.merge_weights not in MERGE_WEIGHTS:
+            raise MoeCompressError(f"unknown --merge-weights {self.merge_weights!r}; choose one of {', '.join(MERGE_WEIGHTS)}")
         if self.num_experts is None or self.num_experts < 1:
             raise MoeCompressError(f"--num-experts {self.num_experts} must be at least 1")
         if self.router == "standard" and not self.uses_per_layer:
@@ -171,6 +181,7 @@ def merge_block(
     router: str = "standard",
     router_mode: str = DEFAULT_ROUTER_MODE,
     router_inputs: torch.Tensor | None = None,
+    grams: Callable[[Sequence[int]], tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> tuple[float, float] | None:
     """Merge ``block``'s experts by ``groups`` (first member dominant), ``freq [E]`` weighting members.
 
@@ -179,6 +190,7 @@ def merge_block(
     holds its group's merged expert (router untouched). ``router_mode="fitted"``
     fits the rows on ``router_inputs [T, H]`` starting from the dominant rows and returns the KL
     (nats/token) from the exact group routing before/after the fit; otherwise returns None.
+    ``grams``: RegMean merging (see :func:`~moecompress.algorithms.merging.merge_experts`).
     """
     num = block.num_experts
     expert_to_group(groups, num)  # validates the partition
@@ -188,7 +200,7 @@ def merge_block(
             "use dominant or weighted"
         )
     stack = read_experts(block.experts)
-    gate, up, down = merge_experts(stack.gate, stack.up, stack.down, groups, freq)
+    gate, up, down = merge_experts(stack.gate, stack.up, stack.down, groups, freq, grams)
     down_bias = None
     if stack.down_bias is not None:
         rows = []
@@ -227,6 +239,26 @@ def merge_block(
         write_expert(block.experts, g, merged, g)
     set_router_rows(block, rows, bias)
     return fit
+
+
+@torch.no_grad()
+def member_grams(block: MoEBlockView, calls: Sequence[tuple[torch.Tensor, torch.Tensor]], members: Sequence[int]):
+    """RegMean's statistics of one group: per member e, over the calibration tokens routed to e
+    (top-k membership, original routing), the input Gram ``[H', H']`` (``H' = H + 1`` with a ones
+    column when the experts have biases: they are folded in as a last input column, see
+    :class:`~moecompress.passes.prune.ExpertStack`) and the Gram of e's own intermediate activations
+    ``[I, I]`` (the input of its down projection). Read from the block's current, unmerged weights."""
+    experts = block.experts
+    dtype = experts.get(members[0], "up").dtype
+    input_grams, activation_grams = [], []
+    for e in members:
+        x = torch.cat([h[(index == e).any(dim=-1)] for h, index in calls]).float()  # [T_e, H]
+        a = experts.intermediate(e, x.to(dtype)).float()  # [T_e, I]
+        if experts.has_bias:
+            x = torch.cat([x, x.new_ones(x.shape[0], 1)], dim=1)
+        input_grams.append(x.T.double() @ x.double())
+        activation_grams.append(a.T.double() @ a.double())
+    return torch.stack(input_grams), torch.stack(activation_grams)
 
 
 def check_fittable_router(block: MoEBlockView) -> None:
@@ -277,6 +309,7 @@ class MergePass:
         self.n_group = n_group if cfg.router == "standard" else 1  # exact routers keep every routing group intact
         self.report = MergeReport()
         self._router_inputs: list[torch.Tensor] = []
+        self._expert_calls: list[tuple[torch.Tensor, torch.Tensor]] = []  # (hidden [T, H], top_k_index [T, k])
 
     @classmethod
     def from_stats(cls, cfg: MergeConfig, stats: RouterStats, config) -> "MergePass":
@@ -287,6 +320,7 @@ class MergePass:
 
     def attach(self, ctx: LayerContext) -> list:
         self._router_inputs = []
+        self._expert_calls = []
         if ctx.block is None or not self.cfg.needs_activations:
             return []
         hidden_size = ctx.block.router.weight.shape[1]
@@ -295,7 +329,14 @@ class MergePass:
             hidden = args[0] if args else next(iter(kwargs.values()))
             self._router_inputs.append(hidden.detach().reshape(-1, hidden_size).float())
 
-        return [ctx.block.router.module.register_forward_pre_hook(record, with_kwargs=True)]
+        def record_experts(module, args, kwargs):
+            hidden, index, _ = routing_call_args(module, args, kwargs)
+            self._expert_calls.append((hidden.detach().reshape(-1, hidden_size), index.detach().reshape(-1, index.shape[-1])))
+
+        handles = [ctx.block.router.module.register_forward_pre_hook(record, with_kwargs=True)]
+        if self.cfg.merge_weights == "regmean":
+            handles.append(ctx.block.experts.module.register_forward_pre_hook(record_experts, with_kwargs=True))
+        return handles
 
     def groups_of(self, layer: int) -> list[list[int]] | None:
         """The groups this pass formed in ``layer`` (first member dominant), None before it ran there."""
@@ -320,7 +361,13 @@ class MergePass:
         groups = group_in_routing_groups(dominance, sim, self.group_counts[ctx.index], protected, self.n_group)
         inputs = torch.cat(self._router_inputs) if self._router_inputs else None
         self._router_inputs = []
-        fit = merge_block(block, groups, freq, self.cfg.router, self.cfg.router_mode, inputs)
+        grams = None
+        if self.cfg.merge_weights == "regmean":
+            if not self._expert_calls:
+                raise MoeCompressError("--merge-weights regmean needs calibration activations; none were recorded")
+            calls, self._expert_calls = self._expert_calls, []
+            grams = lambda members: member_grams(block, calls, members)  # noqa: E731  (evaluated before any write)
+        fit = merge_block(block, groups, freq, self.cfg.router, self.cfg.router_mode, inputs, grams)
         self.report.layers.append(
             LayerMergeReport(ctx.index, stats.num_experts, groups, freq.tolist(), protected,
                              mean_group_similarity(groups, sim), fit)

@@ -15,6 +15,7 @@ from moecompress.algorithms.merging import (
     merge_group,
     merged_router_rows,
     normalised_layer_frequencies,
+    regmean_combine,
     threshold_for_average_groups,
     threshold_for_total_groups,
 )
@@ -97,6 +98,50 @@ def test_merge_group_is_the_frequency_weighted_average_after_alignment():
     assert torch.allclose(merged[1], 0.5 * a[1] + 0.5 * b_aligned[1], atol=1e-6)
     single = merge_group(gate[:1], up[:1], down[:1], torch.tensor([0.0]))
     assert all(torch.equal(m, w) for m, w in zip(single, a))
+
+
+@pytest.mark.parametrize("alpha", [1.0, 0.9, 0.0])
+def test_regmean_with_equally_distributed_inputs_is_the_frequency_weighted_average(alpha):
+    g = torch.Generator().manual_seed(0)
+    weights = torch.randn(3, 5, 6, generator=g, dtype=torch.float64)
+    base = torch.randn(40, 6, generator=g, dtype=torch.float64)
+    cov = base.T @ base
+    counts = torch.tensor([3.0, 1.0, 2.0], dtype=torch.float64)
+    merged = regmean_combine(weights, counts[:, None, None] * cov, alpha)
+    expected = (counts[:, None, None] * weights).sum(0) / counts.sum()
+    assert torch.allclose(merged, expected, atol=1e-5)  # up to the tiny guard ridge
+
+
+def test_regmean_keeps_each_member_exact_on_its_own_inputs():
+    """Members whose inputs live in different subspaces are both reproduced (plain averaging is not)."""
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(2, 4, 8, generator=g, dtype=torch.float64)
+    x1 = torch.cat([torch.randn(30, 4, generator=g, dtype=torch.float64), torch.zeros(30, 4, dtype=torch.float64)], 1)
+    x2 = torch.cat([torch.zeros(20, 4, dtype=torch.float64), torch.randn(20, 4, generator=g, dtype=torch.float64)], 1)
+    merged = regmean_combine(w, torch.stack([x1.T @ x1, x2.T @ x2]), alpha=1.0)
+    assert torch.allclose(x1 @ merged.T, x1 @ w[0].T, atol=1e-4)
+    assert torch.allclose(x2 @ merged.T, x2 @ w[1].T, atol=1e-4)
+    average = 0.6 * w[0] + 0.4 * w[1]
+    assert not torch.allclose(x1 @ average.T, x1 @ w[0].T, atol=1e-2)
+
+
+def test_regmean_merge_group_is_exact_for_identical_members_and_falls_back_without_inputs():
+    ref = expert()
+    other = permuted(*ref, torch.randperm(16, generator=torch.Generator().manual_seed(3)))
+    gate, up, down = (torch.stack(ws) for ws in zip(ref, other))
+    x = torch.randn(50, 24, generator=torch.Generator().manual_seed(4))
+    grams = torch.stack([x.T @ x, 2 * x.T @ x]).double()
+    act = torch.randn(2, 16, 16, dtype=torch.float64)
+    act = act @ act.transpose(1, 2)
+    merged = merge_group(gate, up, down, torch.tensor([0.5, 0.5]), grams, act)
+    assert all(torch.equal(m, r) for m, r in zip(merged, ref))  # aligned copies: W_0 + 0
+    a, b = expert(seed=20), expert(seed=21)
+    gate, up, down = (torch.stack(ws) for ws in zip(a, b))
+    zeros = torch.zeros(2, 24, 24, dtype=torch.float64)
+    fallback = merge_group(gate, up, down, torch.tensor([1.0, 1.0]), zeros, torch.zeros(2, 16, 16, dtype=torch.float64))
+    plain = merge_group(gate, up, down, torch.tensor([1.0, 1.0]))
+    assert all(torch.equal(f, p) for f, p in zip(fallback, plain))
+    assert regmean_combine(up, zeros) is None
 
 
 def test_merge_experts_stacks_groups_in_order():

@@ -76,6 +76,22 @@ def test_merging_identical_experts_gives_back_that_expert(identical_mixtral, tmp
         assert torch.allclose(merged, original, atol=1e-5), router
 
 
+def test_regmean_merging_gives_back_identical_experts_and_differs_otherwise(identical_mixtral, tmp_path):
+    root = identical_mixtral
+    source = StatsSource(stats_dir=root / "stats", calib="sample", nsamples=4, seqlen=16, batch_size=4)
+    original, _ = _logits(root / "model")
+    result, _ = merge_job(root / "model", tmp_path / "same", MergeConfig(2, router="exact", merge_weights="regmean"), source)
+    assert result.details["merge_weights"] == "regmean"
+    assert torch.allclose(_logits(tmp_path / "same")[0], original, atol=1e-5)
+    assert "RegMean" in (tmp_path / "same" / "report.md").read_text()
+    save_tiny_model("qwen3_moe", tmp_path / "model")
+    _stats(tmp_path / "model", tmp_path / "stats")
+    source = StatsSource(stats_dir=tmp_path / "stats", calib="sample", nsamples=4, seqlen=16, batch_size=4)
+    for weights in ("frequency", "regmean"):
+        merge_job(tmp_path / "model", tmp_path / weights, MergeConfig(2, router="exact", per_layer=True, merge_weights=weights), source)
+    assert not torch.allclose(_logits(tmp_path / "frequency")[0], _logits(tmp_path / "regmean")[0])
+
+
 def test_exact_slots_router_keeps_every_slot_and_members_share_weights(tmp_path):
     save_tiny_model("qwen3_moe", tmp_path / "model")
     _stats(tmp_path / "model", tmp_path / "stats")
