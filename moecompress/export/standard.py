@@ -164,6 +164,23 @@ def resize_experts(block: MoEBlockView, slots: Sequence[int]) -> None:
 
 
 @torch.no_grad()
+def router_with_rows(block: MoEBlockView, slots: Sequence[int], weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
+    """A copy of ``block``'s router resized to ``slots`` (as :func:`resize_experts` would) holding
+    rows ``weight [E', H]`` (and ``bias``): the routing a standard merge will apply, computed before
+    the block itself is changed."""
+    old = block.router.module.weight.shape[0]
+    index = torch.as_tensor([int(e) for e in slots], dtype=torch.long)
+    router = copy.deepcopy(block.router.module)
+    _resize_module_tensors(router, old, index)
+    _set_count_attributes(router, old, len(index))
+    router.weight.copy_(weight.to(router.weight.dtype))
+    router_bias = getattr(router, "bias", None)
+    if bias is not None and isinstance(router_bias, torch.Tensor):
+        router_bias.copy_(bias.to(router_bias.dtype))
+    return router
+
+
+@torch.no_grad()
 def set_router_rows(block: MoEBlockView, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
     """Write router rows ``weight [E', H]`` (and ``bias [E']`` when the router has a bias) in place."""
     router = block.router.module

@@ -40,7 +40,7 @@ Shape legend: E experts, E' groups, I intermediate size, H hidden size.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -56,7 +56,7 @@ from moecompress.algorithms.merging import (
 )
 from moecompress.calibration.stats import LayerStats, RouterStats, routing_call_args
 from moecompress.errors import MoeCompressError
-from moecompress.export.standard import resize_experts, routing_groups, set_router_rows
+from moecompress.export.standard import resize_experts, router_with_rows, routing_groups, set_router_rows
 from moecompress.model.driver import LayerContext
 from moecompress.model.expert_groups import install_expert_groups, keep_expert_rows
 from moecompress.model.view import MoEBlockView
@@ -181,7 +181,7 @@ def merge_block(
     router: str = "standard",
     router_mode: str = DEFAULT_ROUTER_MODE,
     router_inputs: torch.Tensor | None = None,
-    grams: Callable[[Sequence[int]], tuple[torch.Tensor, torch.Tensor]] | None = None,
+    expert_calls: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> tuple[float, float] | None:
     """Merge ``block``'s experts by ``groups`` (first member dominant), ``freq [E]`` weighting members.
 
@@ -190,7 +190,11 @@ def merge_block(
     holds its group's merged expert (router untouched). ``router_mode="fitted"``
     fits the rows on ``router_inputs [T, H]`` starting from the dominant rows and returns the KL
     (nats/token) from the exact group routing before/after the fit; otherwise returns None.
-    ``grams``: RegMean merging (see :func:`~moecompress.algorithms.merging.merge_experts`).
+    ``expert_calls``: the calibration batches' ``(hidden [T, H], top_k_index [T, k])`` as the experts
+    module received them before merging; given, members are merged by RegMean
+    (:func:`~moecompress.algorithms.merging.merge_experts`) over the tokens each member served that
+    still reach its group's expert after merging: all of them with an exact router, those the new
+    router rows send to the group's slot with the standard router.
     """
     num = block.num_experts
     expert_to_group(groups, num)  # validates the partition
@@ -199,17 +203,30 @@ def merge_block(
             f"--router-mode logsumexp_approx needs a router bias, which {type(block.router.module).__name__} has not; "
             "use dominant or weighted"
         )
+    rows = bias = fit = None
+    if router == "standard":
+        rows, bias, fit = standard_router_rows(block, groups, freq, router_mode, router_inputs)
+    grams = None
+    if expert_calls is not None:
+        reached = reached_slots(block, groups, rows, bias, expert_calls) if router == "standard" else None
+        group_of = {members[0]: g for g, members in enumerate(groups)}
+
+        def grams(members: Sequence[int]):
+            g = group_of[members[0]]
+            reach = None if reached is None else [(index == g).any(dim=-1) for index in reached]
+            return member_grams(block, expert_calls, members, reach)
+
     stack = read_experts(block.experts)
     gate, up, down = merge_experts(stack.gate, stack.up, stack.down, groups, freq, grams)
     down_bias = None
     if stack.down_bias is not None:
-        rows = []
+        biases = []
         for members in groups:
             idx = torch.as_tensor(list(members), dtype=torch.long)
             w = freq[idx].to(torch.float32)
             w = w / w.sum() if w.sum() > 0 else torch.full_like(w, 1.0 / len(members))
-            rows.append(w @ stack.down_bias[idx])  # [H]
-        down_bias = torch.stack(rows)
+            biases.append(w @ stack.down_bias[idx])  # [H]
+        down_bias = torch.stack(biases)
     merged = ExpertStack(gate, up, down, down_bias, stack.hidden)
     if router == "exact-slots":
         for g, members in enumerate(groups):
@@ -222,18 +239,6 @@ def merge_block(
             write_expert(block.experts, g, merged, g)
         install_expert_groups(block.experts.module, expert_to_group(groups, num).tolist())
         return None
-    fit = None
-    if router_mode == "fitted":
-        check_fittable_router(block)
-        if router_inputs is None or router_inputs.numel() == 0:
-            raise MoeCompressError("--router-mode fitted needs calibration router inputs; none were recorded")
-        rows, _ = merged_router_rows(block.router.weight.detach(), groups, freq, "dominant")
-        rows, kl_before, kl_after = fit_group_router_rows(router_inputs, block.router.weight.detach(), groups, rows)
-        bias, fit = None, (kl_before, kl_after)
-    else:
-        rows, bias = merged_router_rows(
-            block.router.weight.detach(), groups, freq, router_mode, router_bias=block.router.bias
-        )
     resize_experts(block, [members[0] for members in groups])
     for g in range(len(groups)):
         write_expert(block.experts, g, merged, g)
@@ -241,18 +246,49 @@ def merge_block(
     return fit
 
 
+def standard_router_rows(block: MoEBlockView, groups, freq, router_mode: str, router_inputs: torch.Tensor | None):
+    """(rows [E', H], bias [E'] or None, fit KL before/after or None) of a standard-router merge."""
+    if router_mode == "fitted":
+        check_fittable_router(block)
+        if router_inputs is None or router_inputs.numel() == 0:
+            raise MoeCompressError("--router-mode fitted needs calibration router inputs; none were recorded")
+        rows, _ = merged_router_rows(block.router.weight.detach(), groups, freq, "dominant")
+        rows, kl_before, kl_after = fit_group_router_rows(router_inputs, block.router.weight.detach(), groups, rows)
+        return rows, None, (kl_before, kl_after)
+    rows, bias = merged_router_rows(block.router.weight.detach(), groups, freq, router_mode, router_bias=block.router.bias)
+    return rows, bias, None
+
+
 @torch.no_grad()
-def member_grams(block: MoEBlockView, calls: Sequence[tuple[torch.Tensor, torch.Tensor]], members: Sequence[int]):
+def reached_slots(block: MoEBlockView, groups, rows: torch.Tensor, bias: torch.Tensor | None,
+                  calls: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
+    """Per calibration batch, the merged slots ``[T, k]`` (ids in ``[0, E')``) that the standard
+    router with ``rows`` will select: a copy of the family's router resized like the merge will
+    resize it, so every routing rule (softmax, sigmoid + groups, sparsemixer) is the family's own."""
+    router = router_with_rows(block, [members[0] for members in groups], rows, bias)
+    dtype = block.router.weight.dtype
+    return [router(hidden.to(dtype))[2].reshape(hidden.shape[0], -1) for hidden, _ in calls]
+
+
+@torch.no_grad()
+def member_grams(block: MoEBlockView, calls: Sequence[tuple[torch.Tensor, torch.Tensor]], members: Sequence[int],
+                 reach: Sequence[torch.Tensor] | None = None):
     """RegMean's statistics of one group: per member e, over the calibration tokens routed to e
-    (top-k membership, original routing), the input Gram ``[H', H']`` (``H' = H + 1`` with a ones
-    column when the experts have biases: they are folded in as a last input column, see
+    (top-k membership, original routing) — and, with ``reach`` (per batch ``[T]`` bool), only those
+    that still reach the group's merged expert — the input Gram ``[H', H']`` (``H' = H + 1`` with a
+    ones column when the experts have biases: they are folded in as a last input column, see
     :class:`~moecompress.passes.prune.ExpertStack`) and the Gram of e's own intermediate activations
     ``[I, I]`` (the input of its down projection). Read from the block's current, unmerged weights."""
     experts = block.experts
     dtype = experts.get(members[0], "up").dtype
+    reach = reach if reach is not None else [None] * len(calls)
     input_grams, activation_grams = [], []
     for e in members:
-        x = torch.cat([h[(index == e).any(dim=-1)] for h, index in calls]).float()  # [T_e, H]
+        rows = []
+        for (hidden, index), reaches in zip(calls, reach):
+            mask = (index == e).any(dim=-1)
+            rows.append(hidden[mask if reaches is None else mask & reaches])
+        x = torch.cat(rows).float()  # [T_e, H]
         a = experts.intermediate(e, x.to(dtype)).float()  # [T_e, I]
         if experts.has_bias:
             x = torch.cat([x, x.new_ones(x.shape[0], 1)], dim=1)
@@ -361,13 +397,12 @@ class MergePass:
         groups = group_in_routing_groups(dominance, sim, self.group_counts[ctx.index], protected, self.n_group)
         inputs = torch.cat(self._router_inputs) if self._router_inputs else None
         self._router_inputs = []
-        grams = None
+        calls = None
         if self.cfg.merge_weights == "regmean":
             if not self._expert_calls:
                 raise MoeCompressError("--merge-weights regmean needs calibration activations; none were recorded")
             calls, self._expert_calls = self._expert_calls, []
-            grams = lambda members: member_grams(block, calls, members)  # noqa: E731  (evaluated before any write)
-        fit = merge_block(block, groups, freq, self.cfg.router, self.cfg.router_mode, inputs, grams)
+        fit = merge_block(block, groups, freq, self.cfg.router, self.cfg.router_mode, inputs, calls)
         self.report.layers.append(
             LayerMergeReport(ctx.index, stats.num_experts, groups, freq.tolist(), protected,
                              mean_group_similarity(groups, sim), fit)
