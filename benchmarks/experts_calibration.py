@@ -1,7 +1,8 @@
 """Pruning / merging + refit with calibration text sampled from the model (``--calib sample``).
 
     python benchmarks/experts_calibration.py [--testbed DIR] [--workdir DIR] [--keep 12,8,4]
-        [--methods frequency,reap,dern,msmoe-exact,msmoe-dominant] [--report reports/experts_calibration.md]
+        [--methods frequency,reap,dern,msmoe-exact,msmoe-dominant,msmoe-exact-regmean,msmoe-dominant-regmean]
+        [--report reports/experts_calibration.md]
 
 Same protocol as ``benchmarks/experts_quality.py`` (held-out perplexity, 256-token chunks, first 40k
 tokens of each held-out file, geometric mean; the held-out files are never used for calibration), but
@@ -53,8 +54,9 @@ def run(method: str, keep: int, testbed: Path, stats_dir: Path, out: Path) -> di
     source = StatsSource(stats_dir=stats_dir, **CALIB)
     start = time.time()
     if method.startswith("msmoe-"):
-        router = "exact" if method == "msmoe-exact" else "standard"
-        cfg = MergeConfig(num_experts=keep, router=router, per_layer=True)
+        router = "exact" if method.startswith("msmoe-exact") else "standard"
+        weights = "regmean" if method.endswith("-regmean") else "frequency"
+        cfg = MergeConfig(num_experts=keep, router=router, per_layer=True, merge_weights=weights)
         result, _ = merge_job(testbed, out, cfg, source, overwrite=True, refit=RefitConfig())
     else:
         result, _ = prune_job(testbed, out, PruneConfig(method=method, num_experts=keep), source, overwrite=True,
@@ -106,7 +108,7 @@ def main() -> None:
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/moecompress_experts_calibration"))
     ap.add_argument("--mixed-cache", type=Path, default=Path("/tmp/moecompress_experts_bench/results.json"))
     ap.add_argument("--keep", default="12,8,4")
-    ap.add_argument("--methods", default="frequency,reap,dern,msmoe-exact,msmoe-dominant")
+    ap.add_argument("--methods", default="frequency,reap,dern,msmoe-exact,msmoe-dominant,msmoe-exact-regmean,msmoe-dominant-regmean")
     ap.add_argument("--report", type=Path, default=REPO / "reports" / "experts_calibration.md")
     args = ap.parse_args()
 

@@ -46,6 +46,7 @@ DEFAULT_VARIANTS = (
     "frequency", "reap", "dern", "msmoe-dominant", "msmoe-weighted", "msmoe-exact", "msmoe-exact-global",
     "frequency+refit", "reap+refit", "dern+refit", "msmoe-dominant+refit", "msmoe-exact+refit",
     "msmoe-dominant-reapdom+refit", "msmoe-fitted+refit",
+    "msmoe-exact-regmean", "msmoe-exact-regmean+refit", "msmoe-dominant-regmean", "msmoe-dominant-regmean+refit",
 )
 REAP_LLMCOMPRESSOR_8_OF_16 = 0.079  # llm-compressor's REAP at 8 of 16 on the testbed (+7.9% perplexity)
 

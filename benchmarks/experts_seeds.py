@@ -2,7 +2,7 @@
 calibration seeds; writes reports/experts_seeds.md.
 
     python benchmarks/experts_seeds.py [--testbed DIR] [--workdir DIR] [--keep 12]
-        [--seeds 0,1,2] [--variants frequency,msmoe-exact,frequency+refit,msmoe-exact+refit]
+        [--seeds 0,1,2] [--variants frequency,msmoe-exact,msmoe-exact-regmean,msmoe-dominant-regmean,...]
 
 Same protocol as ``benchmarks/experts_quality.py`` (held-out perplexity, 256-token chunks, first 40k
 tokens of each held-out file, geometric mean; calibration never touches the held-out files), with
@@ -30,7 +30,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 from experts_quality import DEFAULT_TESTBED, evaluate_folder  # noqa: E402
 
-DEFAULT_VARIANTS = "frequency,msmoe-exact,frequency+refit,msmoe-exact+refit"
+DEFAULT_VARIANTS = ("frequency,msmoe-exact,msmoe-exact-regmean,msmoe-dominant-regmean,"
+                    "frequency+refit,msmoe-exact+refit,msmoe-dominant-regmean+refit")
 
 
 def collect(testbed: Path, stats_dir: Path, seed: int) -> None:
@@ -53,11 +54,14 @@ def run(variant: str, keep: int, seed: int, testbed: Path, stats_dir: Path, out:
 
     method, _, suffix = variant.partition("+")
     refit = RefitConfig() if suffix == "refit" else None
+    weights = "regmean" if method.endswith("-regmean") else "frequency"
+    method = method.removesuffix("-regmean")
     source = StatsSource(stats_dir=stats_dir, calib="mixed", nsamples=64, seqlen=256, seed=seed)
     start = time.time()
     if method.startswith("msmoe-"):
         router = method.removeprefix("msmoe-")
-        cfg = MergeConfig(num_experts=keep, router="standard" if router == "dominant" else router, per_layer=True)
+        cfg = MergeConfig(num_experts=keep, router="standard" if router == "dominant" else router, per_layer=True,
+                          merge_weights=weights)
         merge_job(testbed, out, cfg, source, overwrite=True, refit=refit)
     else:
         prune_job(testbed, out, PruneConfig(method=method, num_experts=keep), source, overwrite=True, refit=refit)

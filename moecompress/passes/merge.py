@@ -206,16 +206,7 @@ def merge_block(
     rows = bias = fit = None
     if router == "standard":
         rows, bias, fit = standard_router_rows(block, groups, freq, router_mode, router_inputs)
-    grams = None
-    if expert_calls is not None:
-        reached = reached_slots(block, groups, rows, bias, expert_calls) if router == "standard" else None
-        group_of = {members[0]: g for g, members in enumerate(groups)}
-
-        def grams(members: Sequence[int]):
-            g = group_of[members[0]]
-            reach = None if reached is None else [(index == g).any(dim=-1) for index in reached]
-            return member_grams(block, expert_calls, members, reach)
-
+    grams = None if expert_calls is None else regmean_statistics(block, groups, rows, bias, expert_calls)
     stack = read_experts(block.experts)
     gate, up, down = merge_experts(stack.gate, stack.up, stack.down, groups, freq, grams)
     down_bias = None
@@ -257,6 +248,22 @@ def standard_router_rows(block: MoEBlockView, groups, freq, router_mode: str, ro
         return rows, None, (kl_before, kl_after)
     rows, bias = merged_router_rows(block.router.weight.detach(), groups, freq, router_mode, router_bias=block.router.bias)
     return rows, bias, None
+
+
+def regmean_statistics(block: MoEBlockView, groups, rows: torch.Tensor | None, bias: torch.Tensor | None,
+                       calls: Sequence[tuple[torch.Tensor, torch.Tensor]]):
+    """``members -> (input Grams, activation Grams)`` for RegMean merging of ``groups``: over every
+    token a member served (exact routers, ``rows`` None), or, for a standard router with ``rows``,
+    over those the new rows still send to the member's merged slot."""
+    reached = None if rows is None else reached_slots(block, groups, rows, bias, calls)
+    group_of = {members[0]: g for g, members in enumerate(groups)}
+
+    def grams(members: Sequence[int]):
+        g = group_of[members[0]]
+        reach = None if reached is None else [(index == g).any(dim=-1) for index in reached]
+        return member_grams(block, calls, members, reach)
+
+    return grams
 
 
 @torch.no_grad()
