@@ -304,10 +304,27 @@ reproduce the original layer's routed output on the calibration tokens
   row, also the rows of experts that were not merged, towards the calibration set's routing — and
   the built-in calibration text is far from the testbed's own (its perplexity there is ~900 vs ~34
   on the held-out files). Still short of frequency + refit, so `dominant` stays the default.
+- **RegMean merging** (`-regmean`, the CLI default since it was measured: each merged projection is
+  the least-squares combination of the aligned members given their calibration inputs) is the
+  largest improvement to M-SMoE itself. Exact router, 12 / 8 / 4 of 16: +0.10 / +11.0 / +46.0%
+  against +0.16 / +18.4 / +69.5% with M-SMoE's frequency average (frequency pruning: +0.04 / +19.2 /
+  +70.4%); with the refit +0.12 / **+7.2** / **+23.3%** (the best 4-of-16 result of every method, ahead
+  of DERN + refit +24.3%). Standard router (RegMean over the tokens the dominant rows still send to
+  the merged expert): +0.04 / +17.0 / +64.3% against +0.15 / +21.8 / +82.0%; with the refit +0.08 /
+  +9.8 / +28.3%.
+- **12 of 16 is a wall for merging on this model.** Sending the 4 rarest experts' tokens to an
+  UNCHANGED dominant expert (the exact router with no averaging at all: a lower bound on what any
+  merge of those groups can cost) already costs +0.068% against frequency pruning's +0.044%: the
+  router's own next choice serves those tokens better than any single group expert. With the
+  standard router the merged expert sees almost none of the members' tokens, so RegMean leaves it
+  nearly the dominant and the result equals frequency pruning (33.98552 vs 33.98546). Over three
+  calibration seeds (`reports/experts_seeds.md`) the paired difference to frequency pruning is
+  +0.004 +- 0.005 points (standard + RegMean), +0.056 +- 0.043 (exact + RegMean), +0.112 +- 0.007
+  (exact, M-SMoE's average).
 - **Goals**: the best method at 8 of 16 (REAP + refit, +2.2%) beats REAP (+4.1% ours, +7.9%
-  llm-compressor's). DERN beats frequency at every ratio with the default refit. M-SMoE meets the goal
-  only with the exact router at 8 and 4 of 16; at 12 of 16 (0.05 points) and with the standard
-  router it does not."""
+  llm-compressor's). DERN beats frequency at every ratio with the default refit. M-SMoE with RegMean
+  beats frequency pruning at 8 and 4 of 16 with either router (with the refit, the standard router
+  only at 8); at 12 of 16 it ties (standard) or loses by 0.06 points (exact) — see the wall above."""
 
 
 def main() -> None:

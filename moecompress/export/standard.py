@@ -35,11 +35,10 @@ import torch
 from torch import nn
 
 from moecompress.errors import MoeCompressError
+from moecompress.model.expert_groups import resize_rows, set_count_attributes
 from moecompress.model.view import MoEBlockView
 
 EXPERT_COUNT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts")
-# Integer attributes of experts/router/block modules that hold the expert count in some family.
-_COUNT_ATTRIBUTES = ("num_experts", "num_local_experts", "n_routed_experts")
 KEPT_EXPERTS_FILE = "kept_experts.json"
 KEPT_EXPERTS_FORMAT = "moecompress-kept-experts"
 KEPT_EXPERTS_VERSION = 1
@@ -113,29 +112,6 @@ def with_expert_count(config, new_count: int):
 # ----------------------------------------------------------------------------- resizing a block
 
 
-def _resized(tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    return tensor.detach().index_select(0, index.to(tensor.device)).clone()
-
-
-def _resize_module_tensors(module: nn.Module, old_count: int, index: torch.Tensor) -> None:
-    """Replace every direct parameter/buffer with ``old_count`` rows by its rows ``index`` (new tensors)."""
-    for name, param in list(module.named_parameters(recurse=False)):
-        if param.ndim >= 1 and param.shape[0] == old_count:
-            setattr(module, name, nn.Parameter(_resized(param, index), requires_grad=param.requires_grad))
-    for name, buf in list(module.named_buffers(recurse=False)):
-        if buf is not None and buf.ndim >= 1 and buf.shape[0] == old_count:
-            persistent = name not in module._non_persistent_buffers_set
-            module.register_buffer(name, _resized(buf, index), persistent=persistent)
-
-
-def _set_count_attributes(module: nn.Module, old_count: int, new_count: int) -> None:
-    for attr in _COUNT_ATTRIBUTES:
-        if getattr(module, attr, None) == old_count and isinstance(getattr(module, attr), int):
-            setattr(module, attr, new_count)
-    if isinstance(module, nn.Linear) and module.out_features == old_count:
-        module.out_features = new_count
-
-
 @torch.no_grad()
 def resize_experts(block: MoEBlockView, slots: Sequence[int]) -> None:
     """Rebuild ``block`` with ``E' = len(slots)`` experts: new slot r starts as old expert ``slots[r]``.
@@ -156,10 +132,10 @@ def resize_experts(block: MoEBlockView, slots: Sequence[int]) -> None:
         raise MoeCompressError(
             f"layer {block.layer_index}: router has {router.weight.shape[0]} rows for {old} experts; cannot resize"
         )
-    _resize_module_tensors(block.experts.module, old, index)
-    _resize_module_tensors(router, old, index)
+    resize_rows(block.experts.module, old, index)
+    resize_rows(router, old, index)
     for module in (block.experts.module, router, block.block):
-        _set_count_attributes(module, old, new)
+        set_count_attributes(module, old, new)
     block.router.num_experts = new
 
 
@@ -171,8 +147,8 @@ def router_with_rows(block: MoEBlockView, slots: Sequence[int], weight: torch.Te
     old = block.router.module.weight.shape[0]
     index = torch.as_tensor([int(e) for e in slots], dtype=torch.long)
     router = copy.deepcopy(block.router.module)
-    _resize_module_tensors(router, old, index)
-    _set_count_attributes(router, old, len(index))
+    resize_rows(router, old, index)
+    set_count_attributes(router, old, len(index))
     router.weight.copy_(weight.to(router.weight.dtype))
     router_bias = getattr(router, "bias", None)
     if bias is not None and isinstance(router_bias, torch.Tensor):

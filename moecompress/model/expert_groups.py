@@ -117,12 +117,31 @@ def stored_expert_count(module: nn.Module) -> int | None:
 
 
 @torch.no_grad()
-def keep_expert_rows(module: nn.Module, slots: Sequence[int]) -> None:
-    """Rebuild a family experts module to hold ``E' = len(slots)`` experts, row r = old expert ``slots[r]``.
+def resize_rows(module: nn.Module, old_count: int, index: torch.Tensor) -> None:
+    """Replace every direct parameter/buffer with ``old_count`` rows by its rows ``index`` (NEW tensors,
+    so ``state_dict`` and written checkpoints get the new shapes; works on ``meta`` too)."""
+    for name, param in list(module.named_parameters(recurse=False)):
+        if param.ndim >= 1 and param.shape[0] == old_count:
+            rows = param.detach().index_select(0, index.to(param.device)).clone()
+            setattr(module, name, nn.Parameter(rows, requires_grad=param.requires_grad))
+    for name, buf in list(module.named_buffers(recurse=False)):
+        if buf is not None and buf.ndim >= 1 and buf.shape[0] == old_count:
+            persistent = name not in module._non_persistent_buffers_set
+            module.register_buffer(name, buf.index_select(0, index.to(buf.device)).clone(), persistent=persistent)
 
-    Every direct parameter/buffer with E rows becomes a NEW ``[E', ...]`` tensor (works on ``meta``
-    too: only shapes then), and the count attributes the forward reads (``num_experts``) follow.
-    """
+
+def set_count_attributes(module: nn.Module, old_count: int, new_count: int) -> None:
+    """The integer attributes a family's forward reads the expert count from (and an ``nn.Linear``
+    router's ``out_features``) follow a resize."""
+    for attr in _COUNT_ATTRIBUTES:
+        if isinstance(getattr(module, attr, None), int) and getattr(module, attr) == old_count:
+            setattr(module, attr, new_count)
+    if isinstance(module, nn.Linear) and module.out_features == old_count:
+        module.out_features = new_count
+
+
+def keep_expert_rows(module: nn.Module, slots: Sequence[int]) -> None:
+    """Rebuild a family experts module to hold ``E' = len(slots)`` experts, row r = old expert ``slots[r]``."""
     old = stored_expert_count(module)
     if old is None:
         raise MoeCompressError(f"{type(module).__name__} is not an experts module; cannot resize it")
@@ -130,19 +149,8 @@ def keep_expert_rows(module: nn.Module, slots: Sequence[int]) -> None:
     if not ids or min(ids) < 0 or max(ids) >= old:
         raise MoeCompressError(f"expert slots {ids} must be ids in [0, {old})")
     # Explicit device: transformers builds skeletons under a default-device context (meta).
-    index = torch.tensor(ids, dtype=torch.long, device="cpu")
-    new = len(ids)
-    for name, param in list(module.named_parameters(recurse=False)):
-        if param.ndim >= 1 and param.shape[0] == old:
-            rows = param.detach().index_select(0, index.to(param.device)).clone()
-            setattr(module, name, nn.Parameter(rows, requires_grad=param.requires_grad))
-    for name, buf in list(module.named_buffers(recurse=False)):
-        if buf is not None and buf.ndim >= 1 and buf.shape[0] == old:
-            persistent = name not in module._non_persistent_buffers_set
-            module.register_buffer(name, buf.index_select(0, index.to(buf.device)).clone(), persistent=persistent)
-    for attr in _COUNT_ATTRIBUTES:
-        if isinstance(getattr(module, attr, None), int) and getattr(module, attr) == old:
-            setattr(module, attr, new)
+    resize_rows(module, old, torch.tensor(ids, dtype=torch.long, device="cpu"))
+    set_count_attributes(module, old, len(ids))
 
 
 def apply_expert_groups(model: nn.Module, expert_groups: Mapping[str, Sequence[int]]) -> None:
