@@ -224,12 +224,21 @@ def global_group_counts(
 # G~ = a G + (1 - a) diag(G) keeps the solve well conditioned when a member saw few tokens.
 REGMEAN_ALPHA = 0.9
 REGMEAN_RIDGE = 1e-6  # relative to the mean diagonal: only guards exactly singular sums
+# Solve in float64 while one [in, in] matrix stays under this size (Mixtral's I = 14336: float32).
+REGMEAN_FLOAT64_BYTES = 512 * 2**20
 
 
-def regmean_combine(weights: torch.Tensor, grams: torch.Tensor, alpha: float = REGMEAN_ALPHA) -> torch.Tensor | None:
+def regmean_dtype(n: int) -> torch.dtype:
+    """float64 for RegMean's ``[n, n]`` matrices while one stays under REGMEAN_FLOAT64_BYTES, else float32."""
+    return torch.float64 if n * n * 8 <= REGMEAN_FLOAT64_BYTES else torch.float32
+
+
+def regmean_combine(weights: torch.Tensor, grams: torch.Tensor | Sequence[torch.Tensor],
+                    alpha: float = REGMEAN_ALPHA) -> torch.Tensor | None:
     """RegMean (Jin et al., "Dataless Knowledge Fusion by Merging Weights of Language Models", 2023).
 
-    weights ``[m, out, in]`` (each member's linear map, nn.Linear layout), grams ``[m, in, in]`` with
+    weights ``[m, out, in]`` (each member's linear map, nn.Linear layout), grams ``[m, in, in]`` (or m
+    ``[in, in]`` tensors: large Grams need not be stacked) with
     ``G_e = X_e^T X_e`` over the inputs member e sees -> the ``W [out, in]`` minimising
     ``sum_e ||X_e W^T - X_e W_e^T||^2``: ``W = (sum_e W_e G~_e)(sum_e G~_e)^-1``, with
     ``G~ = alpha G + (1 - alpha) diag(G)``. When every member's inputs share one covariance,
@@ -239,21 +248,28 @@ def regmean_combine(weights: torch.Tensor, grams: torch.Tensor, alpha: float = R
     Returns None when no member saw any input (all Grams zero): the caller falls back.
     """
     m, out, n_in = weights.shape
-    if grams.shape != (m, n_in, n_in):
-        raise MoeCompressError(f"grams must be [m, in, in] = {(m, n_in, n_in)}; got {tuple(grams.shape)}")
-    g = grams.to(torch.float64)
-    diag = torch.diag_embed(torch.diagonal(g, dim1=-2, dim2=-1))
-    shrunk = alpha * g + (1 - alpha) * diag  # [m, in, in]
-    total = shrunk.sum(0)
-    scale = float(torch.diagonal(total).mean())
+    if len(grams) != m or any(tuple(g.shape) != (n_in, n_in) for g in grams):
+        raise MoeCompressError(f"grams must be {m} matrices [in, in] = {(n_in, n_in)}; got {[tuple(g.shape) for g in grams]}")
+    dtype = regmean_dtype(n_in)
+    # One member at a time: memory is the members' Grams plus two [in, in] matrices.
+    total = torch.zeros(n_in, n_in, dtype=dtype, device=weights.device)
+    delta = torch.zeros(out, n_in, dtype=dtype, device=weights.device)  # sum_e (W_e - W_0) G~_e
+    base = weights[0].to(dtype)
+    for e in range(m):
+        g = grams[e].to(dtype)
+        shrunk = alpha * g
+        shrunk.diagonal().add_((1 - alpha) * g.diagonal())
+        total += shrunk
+        if e:
+            delta += (weights[e].to(dtype) - base) @ shrunk
+        del g, shrunk
+    scale = float(total.diagonal().mean())
     if not scale > 0:
         return None
-    total = total + REGMEAN_RIDGE * scale * torch.eye(n_in, dtype=torch.float64, device=total.device)
-    w = weights.to(torch.float64)
-    delta = torch.einsum("moi,mij->oj", w[1:] - w[:1], shrunk[1:])  # sum_e (W_e - W_0) G~_e   [out, in]
+    total.diagonal().add_(REGMEAN_RIDGE * scale)
     # X S = delta with S symmetric  <=>  S X^T = delta^T
     update = torch.linalg.solve(total, delta.T).T
-    return (w[0] + update).to(weights.dtype)
+    return (base + update).to(weights.dtype)
 
 
 def merge_group(
@@ -306,10 +322,10 @@ def merge_group(
     if m > 1 and input_grams is not None:
         for p in (0, 1):  # gate, up: linear maps of the routed input
             if result[p] is not None:
-                fitted = regmean_combine(torch.stack([a[p].float() for a in aligned_members]), input_grams.float())
+                fitted = regmean_combine(torch.stack([a[p].float() for a in aligned_members]), input_grams)
                 result[p] = result[p] if fitted is None else fitted.to(ref[p].dtype)
     if m > 1 and act_grams is not None:
-        fitted = regmean_combine(torch.stack([a[2].float() for a in aligned_members]), torch.stack(act_grams).float())
+        fitted = regmean_combine(torch.stack([a[2].float() for a in aligned_members]), act_grams)
         result[2] = result[2] if fitted is None else fitted.to(ref[2].dtype)
     return tuple(result)
 

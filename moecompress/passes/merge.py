@@ -53,6 +53,7 @@ from moecompress.algorithms.merging import (
     group_experts,
     merge_experts,
     merged_router_rows,
+    regmean_dtype,
 )
 from moecompress.calibration.stats import LayerStats, RouterStats, routing_call_args
 from moecompress.errors import MoeCompressError
@@ -299,8 +300,9 @@ def member_grams(block: MoEBlockView, calls: Sequence[tuple[torch.Tensor, torch.
         a = experts.intermediate(e, x.to(dtype)).float()  # [T_e, I]
         if experts.has_bias:
             x = torch.cat([x, x.new_ones(x.shape[0], 1)], dim=1)
-        input_grams.append(x.T.double() @ x.double())
-        activation_grams.append(a.T.double() @ a.double())
+        x, a = x.to(regmean_dtype(x.shape[1])), a.to(regmean_dtype(a.shape[1]))  # float32 for large models' Grams
+        input_grams.append(x.T @ x)
+        activation_grams.append(a.T @ a)
     return torch.stack(input_grams), torch.stack(activation_grams)
 
 
