@@ -74,9 +74,12 @@ Written from the run recorded above.
   and the refit fits the layers on the activations that text produces. The `mixed` set is English
   prose, code, math, multilingual and chat text; the testbed knows only Python docs and code.
 - With sampled calibration, DERN + refit is the best method at 8 of 16 (+1.04%), and M-SMoE with the
-  exact router the best at 4 of 16 (+11.8%, ahead of frequency +13.1% and DERN +13.2%).
-- At 12 of 16 every method is within 0.1% (noise level). M-SMoE with the standard router still loses
-  to frequency pruning at 8 and 4 of 16 (+2.5% vs +2.4%, +14.9% vs +13.1%)."""
+  exact router and RegMean merging the best at 4 of 16 (+10.8%, ahead of M-SMoE's frequency average
+  +11.8%, frequency pruning +13.1% and DERN +13.2%); at 8 of 16 it is second (+1.15%).
+- At 12 of 16 every method is within 0.1% (+0.05% to +0.09%); merging cannot beat pruning there on
+  this model (`reports/experts.md`, "12 of 16 is a wall"). M-SMoE with the standard router, even with
+  RegMean, does not beat frequency pruning at 4 of 16 (+14.4% vs +13.1%) and ties it at 8 of 16
+  (+2.43% vs +2.44%)."""
 
 
 def write_report(path: Path, results: dict, mixed: dict, keeps: list[int], methods: list[str]) -> None:
