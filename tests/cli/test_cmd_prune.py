@@ -101,6 +101,8 @@ def test_merge_standard_and_exact(models, tmp_path):
         assert "Exact router" in report and "2 distinct experts" in report
         config = json.loads((tmp_path / router / "config.json").read_text())
         assert ("expert_groups" in config.get("quantization_config", {})) == (router == "exact")
+        model = AutoModelForCausalLM.from_pretrained(str(tmp_path / router))
+        assert model.generate(IDS[:1, :4], max_new_tokens=2, do_sample=False).shape == (1, 6)
     plain = _run("merge", models / "qwen2_moe", tmp_path / "plain", "--num-experts", 2, "--stats", stats, "--no-refit",
                  "--dominance", "reap", "--json")
     assert plain.exit_code == 0, plain.output
