@@ -19,6 +19,7 @@ alignment is run before averaging for GLU experts too (the Mixtral script merges
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
+from typing import NamedTuple
 
 import torch
 from scipy.optimize import linear_sum_assignment
@@ -266,10 +267,30 @@ def regmean_combine(weights: torch.Tensor, grams: torch.Tensor | Sequence[torch.
     scale = float(total.diagonal().mean())
     if not scale > 0:
         return None
-    total.diagonal().add_(REGMEAN_RIDGE * scale)
+    # Relative to each diagonal entry (scale-free: a neuron with huge activations is not pulled
+    # towards W_0), plus a tiny absolute part for inputs no member ever saw (zero rows and columns).
+    total.diagonal().add_(REGMEAN_RIDGE * (total.diagonal() + 1e-3 * scale))
     # X S = delta with S symmetric  <=>  S X^T = delta^T
     update = torch.linalg.solve(total, delta.T).T
     return (base + update).to(weights.dtype)
+
+
+class MergedExperts(NamedTuple):
+    """Merged expert(s): gate/up ``[..., I, H]`` (gate None for gateless experts), down ``[..., H, I]``
+    and the down projection's bias ``[..., H]`` (None for bias-free experts)."""
+
+    gate: torch.Tensor | None
+    up: torch.Tensor
+    down: torch.Tensor
+    down_bias: torch.Tensor | None = None
+
+
+def _with_bias_column(down: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """down ``[H', I]`` and its bias ``[H]`` (H <= H') -> ``[H', I + 1]``: the bias as the map of a
+    constant-1 input, so RegMean solves weights and bias together (rows beyond H get 0)."""
+    column = down.new_zeros(down.shape[0], 1)
+    column[: bias.shape[0], 0] = bias.to(down.dtype)
+    return torch.cat([down, column], dim=1)
 
 
 def merge_group(
@@ -277,19 +298,25 @@ def merge_group(
     up: torch.Tensor,
     down: torch.Tensor,
     freq: torch.Tensor,
-    input_grams: torch.Tensor | None = None,
-    activation_grams: torch.Tensor | None = None,
-) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    input_grams: Sequence[torch.Tensor] | None = None,
+    activation_grams: list[torch.Tensor] | None = None,
+    down_bias: torch.Tensor | None = None,
+) -> MergedExperts:
     """Merge m experts into one: align each to the first (dominant), then average.
 
-    gate/up ``[m, I, H]`` (gate may be None), down ``[m, H, I]``, freq ``[m]`` -> gate/up ``[I, H]``,
-    down ``[H, I]``. M-SMoE's merge is the frequency-weighted average ``W = sum_e f_e W_e / sum_e f_e``,
-    computed as ``W_0 + sum_e (f_e / F)(W_e - W_0)`` (same value) so that merging identical experts
-    returns the dominant one bit-exactly. All-zero frequencies use equal weights.
+    gate/up ``[m, I, H]`` (gate may be None), down ``[m, H, I]``, freq ``[m]``, down_bias ``[m, H]``
+    or None -> gate/up ``[I, H]``, down ``[H, I]``, down_bias ``[H]``. M-SMoE's merge is the
+    frequency-weighted average ``W = sum_e f_e W_e / sum_e f_e`` (the down bias too), computed as
+    ``W_0 + sum_e (f_e / F)(W_e - W_0)`` (same value) so that merging identical experts returns the
+    dominant one bit-exactly. All-zero frequencies use equal weights.
 
-    Our option (``--merge-weights regmean``): with ``input_grams [m, H, H]`` (each member's routed
-    inputs) gate and up are merged by :func:`regmean_combine` instead, and with ``activation_grams
-    [m, I, I]`` (each member's intermediate activations, in the member's own neuron order) down too.
+    Our option (``--merge-weights regmean``): with ``input_grams`` (m matrices ``[H, H]``, each
+    member's routed inputs) gate and up are merged by :func:`regmean_combine` instead, and with
+    ``activation_grams`` (m matrices over each member's intermediate activations, in the member's
+    own neuron order: ``[I, I]``, or ``[I + 1, I + 1]`` over ``[a, 1]`` when there is a down bias,
+    which is then solved together with the down weights) down too. ``activation_grams`` is consumed:
+    its entries are replaced by their aligned versions (the ``[I, I]`` Grams of large models are
+    big; no second copy is kept).
     """
     if up.ndim != 3 or down.shape != (up.shape[0], up.shape[2], up.shape[1]):
         raise MoeCompressError(
@@ -297,7 +324,7 @@ def merge_group(
         )
     if gate is not None and gate.shape != up.shape:
         raise MoeCompressError(f"gate shape {tuple(gate.shape)} differs from up {tuple(up.shape)}")
-    m = up.shape[0]
+    m, width = up.shape[0], up.shape[1]
     freq = torch.as_tensor(freq).to(device=up.device, dtype=torch.float32).flatten()
     if freq.shape[0] != m or not torch.isfinite(freq).all() or (freq < 0).any():
         raise MoeCompressError(f"freq must hold {m} finite non-negative frequencies, one per member")
@@ -306,28 +333,39 @@ def merge_group(
     ref = (None if gate is None else gate[0], up[0], down[0])
     merged = [None if w is None else w.to(torch.float32).clone() for w in ref]
     aligned_members = [ref]
-    act_grams = None if activation_grams is None else [activation_grams[0]]
     for e in range(1, m):
         member = (None if gate is None else gate[e], up[e], down[e])
         perm = align_permutation(*ref, *member)
         aligned = apply_permutation(*member, perm)
         aligned_members.append(aligned)
-        if act_grams is not None:
-            act_grams.append(activation_grams[e][perm][:, perm])  # the Gram follows its neurons
+        if activation_grams is not None:  # the Gram follows its neurons; a bias input stays last
+            full = torch.cat([perm, torch.arange(width, activation_grams[e].shape[0], device=perm.device)])
+            activation_grams[e] = activation_grams[e][full][:, full]
         for acc, base, w in zip(merged, ref, aligned):
             if acc is not None:
                 acc += weights[e] * (w.to(torch.float32) - base.to(torch.float32))
     # W_0 + sum_{e>0} (f_e/F)(W_e - W_0) == sum_e (f_e/F) W_e since the weights sum to 1.
     result = [None if acc is None else acc.to(base.dtype) for acc, base in zip(merged, ref)]
+    bias = None
+    if down_bias is not None:
+        b = down_bias.to(torch.float32)
+        bias = (b[0] + (weights[1:, None] * (b[1:] - b[0])).sum(0)).to(down_bias.dtype)
     if m > 1 and input_grams is not None:
         for p in (0, 1):  # gate, up: linear maps of the routed input
             if result[p] is not None:
                 fitted = regmean_combine(torch.stack([a[p].float() for a in aligned_members]), input_grams)
                 result[p] = result[p] if fitted is None else fitted.to(ref[p].dtype)
-    if m > 1 and act_grams is not None:
-        fitted = regmean_combine(torch.stack([a[2].float() for a in aligned_members]), act_grams)
-        result[2] = result[2] if fitted is None else fitted.to(ref[2].dtype)
-    return tuple(result)
+    if m > 1 and activation_grams is not None:
+        downs = [a[2].float() for a in aligned_members]
+        joint = down_bias is not None and activation_grams[0].shape[0] == width + 1
+        if joint:
+            downs = [_with_bias_column(d, down_bias[e].float()) for e, d in enumerate(downs)]
+        fitted = regmean_combine(torch.stack(downs), activation_grams)
+        if fitted is not None:
+            result[2] = fitted[:, :width].to(ref[2].dtype)
+            if joint:
+                bias = fitted[: down_bias.shape[1], width].to(down_bias.dtype)
+    return MergedExperts(result[0], result[1], result[2], bias)
 
 
 def merge_experts(
@@ -336,13 +374,15 @@ def merge_experts(
     down: torch.Tensor,
     groups: Sequence[Sequence[int]],
     freq: torch.Tensor,
-    grams: Callable[[Sequence[int]], tuple[torch.Tensor, torch.Tensor]] | None = None,
-) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    grams: Callable[[Sequence[int]], tuple[list[torch.Tensor], list[torch.Tensor]]] | None = None,
+    down_bias: torch.Tensor | None = None,
+) -> MergedExperts:
     """Merge a layer's experts by ``groups`` (first member dominant): gate/up ``[E, I, H]``, down
-    ``[E, H, I]``, freq ``[E]`` -> gate/up ``[E', I, H]``, down ``[E', H, I]`` in group order.
+    ``[E, H, I]``, freq ``[E]``, down_bias ``[E, H]`` or None -> gate/up ``[E', I, H]``, down
+    ``[E', H, I]``, down_bias ``[E', H]`` in group order.
 
-    ``grams(members)`` -> (input Grams ``[m, H, H]``, activation Grams ``[m, I, I]``) of one group's
-    members selects RegMean merging (see :func:`merge_group`); asked only for groups of 2 or more."""
+    ``grams(members)`` -> (input Grams, activation Grams) of one group's members, lists of m
+    matrices, selects RegMean merging (see :func:`merge_group`); asked only for groups of 2 or more."""
     expert_to_group(groups, up.shape[0])  # validates the partition
     freq = torch.as_tensor(freq)
     outs = []
@@ -357,10 +397,17 @@ def merge_experts(
                 freq[idx.cpu()],
                 input_grams,
                 activation_grams,
+                None if down_bias is None else down_bias.index_select(0, idx),
             )
         )
-    gates, ups, downs = zip(*outs)
-    return (None if gate is None else torch.stack(gates)), torch.stack(ups), torch.stack(downs)
+        del input_grams, activation_grams
+    gates, ups, downs, biases = zip(*outs)
+    return MergedExperts(
+        None if gate is None else torch.stack(gates),
+        torch.stack(ups),
+        torch.stack(downs),
+        None if down_bias is None else torch.stack(biases),
+    )
 
 
 # ----------------------------------------------------------------------------- router rows

@@ -209,16 +209,7 @@ def merge_block(
         rows, bias, fit = standard_router_rows(block, groups, freq, router_mode, router_inputs)
     grams = None if expert_calls is None else regmean_statistics(block, groups, rows, bias, expert_calls)
     stack = read_experts(block.experts)
-    gate, up, down = merge_experts(stack.gate, stack.up, stack.down, groups, freq, grams)
-    down_bias = None
-    if stack.down_bias is not None:
-        biases = []
-        for members in groups:
-            idx = torch.as_tensor(list(members), dtype=torch.long)
-            w = freq[idx].to(torch.float32)
-            w = w / w.sum() if w.sum() > 0 else torch.full_like(w, 1.0 / len(members))
-            biases.append(w @ stack.down_bias[idx])  # [H]
-        down_bias = torch.stack(biases)
+    gate, up, down, down_bias = merge_experts(stack.gate, stack.up, stack.down, groups, freq, grams, stack.down_bias)
     merged = ExpertStack(gate, up, down, down_bias, stack.hidden)
     if router == "exact-slots":
         for g, members in enumerate(groups):
@@ -283,10 +274,11 @@ def member_grams(block: MoEBlockView, calls: Sequence[tuple[torch.Tensor, torch.
                  reach: Sequence[torch.Tensor] | None = None):
     """RegMean's statistics of one group: per member e, over the calibration tokens routed to e
     (top-k membership, original routing) — and, with ``reach`` (per batch ``[T]`` bool), only those
-    that still reach the group's merged expert — the input Gram ``[H', H']`` (``H' = H + 1`` with a
-    ones column when the experts have biases: they are folded in as a last input column, see
-    :class:`~moecompress.passes.prune.ExpertStack`) and the Gram of e's own intermediate activations
-    ``[I, I]`` (the input of its down projection). Read from the block's current, unmerged weights."""
+    that still reach the group's merged expert — the input Gram ``[H', H']`` and the Gram of e's own
+    intermediate activations ``[I', I']`` (the input of its down projection). With biased experts
+    both inputs get a ones column (``H' = H + 1``, ``I' = I + 1``): gate/up biases are folded in as
+    a last input column (:class:`~moecompress.passes.prune.ExpertStack`) and the down bias is solved
+    together with the down weights. Read from the block's current, unmerged weights; lists of m."""
     experts = block.experts
     dtype = experts.get(members[0], "up").dtype
     reach = reach if reach is not None else [None] * len(calls)
@@ -300,10 +292,13 @@ def member_grams(block: MoEBlockView, calls: Sequence[tuple[torch.Tensor, torch.
         a = experts.intermediate(e, x.to(dtype)).float()  # [T_e, I]
         if experts.has_bias:
             x = torch.cat([x, x.new_ones(x.shape[0], 1)], dim=1)
+        if experts.has_bias:
+            a = torch.cat([a, a.new_ones(a.shape[0], 1)], dim=1)
         x, a = x.to(regmean_dtype(x.shape[1])), a.to(regmean_dtype(a.shape[1]))  # float32 for large models' Grams
         input_grams.append(x.T @ x)
         activation_grams.append(a.T @ a)
-    return torch.stack(input_grams), torch.stack(activation_grams)
+        del x, a
+    return input_grams, activation_grams
 
 
 def check_fittable_router(block: MoEBlockView) -> None:
@@ -378,7 +373,9 @@ class MergePass:
             hidden, index, _ = routing_call_args(module, args, kwargs)
             self._expert_calls.append((hidden.detach().reshape(-1, hidden_size), index.detach().reshape(-1, index.shape[-1])))
 
-        handles = [ctx.block.router.module.register_forward_pre_hook(record, with_kwargs=True)]
+        handles = []
+        if self.cfg.router == "standard" and self.cfg.router_mode == "fitted":
+            handles.append(ctx.block.router.module.register_forward_pre_hook(record, with_kwargs=True))
         if self.cfg.merge_weights == "regmean":
             handles.append(ctx.block.experts.module.register_forward_pre_hook(record_experts, with_kwargs=True))
         return handles

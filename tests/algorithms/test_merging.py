@@ -133,22 +133,43 @@ def test_regmean_merge_group_is_exact_for_identical_members_and_falls_back_witho
     grams = torch.stack([x.T @ x, 2 * x.T @ x]).double()
     act = torch.randn(2, 16, 16, dtype=torch.float64)
     act = act @ act.transpose(1, 2)
-    merged = merge_group(gate, up, down, torch.tensor([0.5, 0.5]), grams, act)
-    assert all(torch.equal(m, r) for m, r in zip(merged, ref))  # aligned copies: W_0 + 0
+    merged = merge_group(gate, up, down, torch.tensor([0.5, 0.5]), grams, list(act))
+    assert all(torch.equal(m, r) for m, r in zip(merged[:3], ref)) and merged.down_bias is None  # W_0 + 0
     a, b = expert(seed=20), expert(seed=21)
     gate, up, down = (torch.stack(ws) for ws in zip(a, b))
     zeros = torch.zeros(2, 24, 24, dtype=torch.float64)
-    fallback = merge_group(gate, up, down, torch.tensor([1.0, 1.0]), zeros, torch.zeros(2, 16, 16, dtype=torch.float64))
+    fallback = merge_group(gate, up, down, torch.tensor([1.0, 1.0]), zeros, [torch.zeros(16, 16, dtype=torch.float64)] * 2)
     plain = merge_group(gate, up, down, torch.tensor([1.0, 1.0]))
-    assert all(torch.equal(f, p) for f, p in zip(fallback, plain))
+    assert all(torch.equal(f, p) for f, p in zip(fallback[:3], plain[:3]))
     assert regmean_combine(up, zeros) is None
+
+
+def test_regmean_solves_the_down_bias_with_the_down_weights():
+    """Folded-bias layout (ExpertStack): down [m, H + 1, I] with a zero last row, bias [m, H]; the
+    activation Grams are over [a, 1]. Same weights, same activation distribution, different biases
+    and token counts: RegMean keeps the weights and returns the count-weighted bias."""
+    _, up, down = expert(gated=False)
+    down = torch.cat([down, torch.zeros(1, 16)])  # [H + 1, I], the folded layout's zero row
+    up = torch.cat([up, torch.ones(16, 1)], 1)  # [I, H + 1]: the up bias as a last input column
+    ups, downs = torch.stack([up, up]), torch.stack([down, down])
+    bias = torch.stack([torch.full((24,), 1.0), torch.full((24,), 4.0)])
+    acts = torch.cat([torch.rand(40, 16, generator=torch.Generator().manual_seed(5), dtype=torch.float64),
+                      torch.ones(40, 1, dtype=torch.float64)], 1)
+    gram = acts.T @ acts
+    inputs = torch.randn(30, 25, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    merged = merge_group(None, ups, downs, torch.tensor([0.5, 0.5]), [inputs.T @ inputs] * 2, [3 * gram, gram], bias)
+    assert torch.allclose(merged.down, down, atol=1e-5) and torch.equal(merged.down[-1], torch.zeros(16))
+    assert torch.allclose(merged.down_bias, torch.full((24,), 1.75), atol=1e-4)  # (3 * 1 + 1 * 4) / 4
+    plain = merge_group(None, ups, downs, torch.tensor([0.5, 0.5]), down_bias=bias)
+    assert torch.allclose(plain.down_bias, torch.full((24,), 2.5))  # frequency average
 
 
 def test_merge_experts_stacks_groups_in_order():
     experts = [expert(width=8, hidden=12, seed=s, gated=False) for s in range(4)]
     _, up, down = (None, torch.stack([e[1] for e in experts]), torch.stack([e[2] for e in experts]))
     groups = [[1], [2, 0, 3]]
-    new_gate, new_up, new_down = merge_experts(None, up, down, groups, torch.tensor([0.1, 0.4, 0.3, 0.2]))
+    new_gate, new_up, new_down, new_bias = merge_experts(None, up, down, groups, torch.tensor([0.1, 0.4, 0.3, 0.2]))
+    assert new_bias is None
     assert new_gate is None and new_up.shape == (2, 8, 12) and new_down.shape == (2, 12, 8)
     assert torch.equal(new_up[0], up[1]) and torch.equal(new_down[0], down[1])
 
