@@ -322,7 +322,7 @@ reproduce the original layer's routed output on the calibration tokens
   standard router the merged expert sees almost none of the members' tokens, so RegMean leaves it
   nearly the dominant and the result equals frequency pruning (33.98552 vs 33.98546). Over three
   calibration seeds (`reports/experts_seeds.md`) the paired difference to frequency pruning is
-  +0.004 +- 0.005 points (standard + RegMean), +0.056 +- 0.043 (exact + RegMean), +0.112 +- 0.007
+  +0.004 +- 0.006 points (standard + RegMean), +0.056 +- 0.043 (exact + RegMean), +0.112 +- 0.007
   (exact, M-SMoE's average).
 - **Goals**: the best method at 8 of 16 (REAP + refit, +2.2%) beats REAP (+4.1% ours, +7.9%
   llm-compressor's). DERN beats frequency at every ratio with the default refit. M-SMoE with RegMean

@@ -10,6 +10,11 @@ standard E'-expert checkpoint (:func:`merged_router_rows`) or the exact expert -
 (:func:`expert_to_group`). Per-layer group counts come from one global frequency threshold
 (:func:`group_counts_from_threshold`, :func:`threshold_for_total_groups`, :func:`global_group_counts`).
 
+Our extension, not in M-SMoE: :func:`regmean_combine` (RegMean, Jin et al. 2023) replaces the
+frequency-weighted average by the least-squares combination given each member's calibration inputs
+(``merge_group``'s ``input_grams`` / ``activation_grams``); the average is its special case of
+identically distributed inputs.
+
 Deviations from the reference code (each documented where it happens): ties are broken by the lower
 expert id everywhere (the reference uses unstable ``argsort``); a group whose members all have
 frequency 0 is averaged with equal weights (the reference divides by ``sum f + eps`` and zeroes it);
