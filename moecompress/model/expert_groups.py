@@ -169,9 +169,3 @@ def apply_expert_groups(model: nn.Module, expert_groups: Mapping[str, Sequence[i
             keep_expert_rows(module, range(num_groups))
         install_expert_groups(module, expert_to_group)
 
-
-def routed_expert_count(module: nn.Module) -> int | None:
-    """E: the number of expert ids the router emits into this experts module (the map's length when
-    grouped, else the stored count)."""
-    groups = expert_groups_of(module)
-    return len(groups) if groups is not None else stored_expert_count(module)
