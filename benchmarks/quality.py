@@ -110,6 +110,7 @@ def main() -> None:
         write_report(args.report, rows)
         cache.write_text(json.dumps(rows, indent=1))
     write_report(args.report, rows)
+    cache.write_text(json.dumps(rows, indent=1))  # also the rows kept from the last run (--only)
 
 
 def write_report(path: Path, rows: list[dict]) -> None:
