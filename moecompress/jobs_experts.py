@@ -391,6 +391,7 @@ def merge_job(
             "distinct_experts_after": round(sum(merger.group_counts.values()) / max(len(merger.group_counts), 1), 2),
             "dominance": cfg.dominance,
             "merge_weights": cfg.merge_weights,
+            "grouping": cfg.grouping,
             "router_mode": cfg.router_mode if cfg.router == "standard" else None,
             "group_counts": "per-layer" if cfg.uses_per_layer else "global threshold",
             "groups_per_layer": {str(i): n for i, n in merger.group_counts.items()},
@@ -516,7 +517,9 @@ def write_merge_report(path: Path, details: dict, merger: MergePass) -> Path:
                             else "highest REAP saliency"))
     summary_rows.insert(5, ("merge weights", "usage frequency (M-SMoE)" if details.get("merge_weights", "frequency") == "frequency"
                             else "RegMean on each member's calibration inputs"))
-    summary_rows.insert(6, ("group counts", f"{details['group_counts']}: " + ", ".join(
+    summary_rows.insert(6, ("grouping", "router-logit similarity (M-SMoE)" if details.get("grouping", "router") == "router"
+                            else "closest output on each member's calibration tokens"))
+    summary_rows.insert(7, ("group counts", f"{details['group_counts']}: " + ", ".join(
         f"layer {i}: {n}" for i, n in details["groups_per_layer"].items())))
     rows = []
     for r in merger.report.layers:

@@ -86,8 +86,16 @@ def apply_permutation(
 # ----------------------------------------------------------------------------- grouping
 
 
+# members, dominants -> similarity [len(members), len(dominants)] (higher = more alike)
+PairSimilarity = Callable[[list[int], list[int]], torch.Tensor]
+
+
 def group_experts(
-    freq: torch.Tensor, router_sim: torch.Tensor, num_groups: int, protected: Iterable[int] = ()
+    freq: torch.Tensor,
+    router_sim: torch.Tensor,
+    num_groups: int,
+    protected: Iterable[int] = (),
+    similarity: PairSimilarity | None = None,
 ) -> list[list[int]]:
     """M-SMoE grouping of one layer's E experts into ``num_groups`` groups.
 
@@ -98,6 +106,9 @@ def group_experts(
     expert joins the non-protected dominant expert it is most similar to (ties to the lower id).
     Returns groups sorted by their dominant expert's id, each ``[dominant, *others ascending]`` — the
     first member is the dominant one (:func:`merge_group` aligns to it).
+
+    ``similarity(members, dominants)``, when given, replaces the router similarity for the joining
+    step (our ``--grouping output``: it is asked only for the pairs the step compares).
     """
     freq = torch.as_tensor(freq).to(torch.float64)
     num_experts = freq.shape[0]
@@ -123,16 +134,17 @@ def group_experts(
         )
     groups: dict[int, list[int]] = {e: [e] for e in sorted(protected_ids) + free_dominants}
     dominant_set = set(groups)
-    sim = router_sim.to(torch.float64)
     ordered_dominants = sorted(free_dominants)  # ascending ids: argmax ties go to the lower id
-    dominant_index = torch.as_tensor(ordered_dominants, dtype=torch.long, device=sim.device)
-    for e in free:
-        if e in dominant_set:
-            continue
-        row = sim[e].index_select(0, dominant_index)
-        if not torch.isfinite(row).all():
-            raise MoeCompressError(f"router similarity of expert {e} is not finite; recollect router statistics")
-        groups[ordered_dominants[int(row.argmax())]].append(e)
+    members = [e for e in free if e not in dominant_set]
+    if similarity is not None and members:
+        rows = similarity(members, ordered_dominants).to(torch.float64)
+    else:
+        dominant_index = torch.as_tensor(ordered_dominants, dtype=torch.long, device=router_sim.device)
+        rows = router_sim.to(torch.float64)[members].index_select(1, dominant_index) if members else None
+    for i, e in enumerate(members):
+        if not torch.isfinite(rows[i]).all():
+            raise MoeCompressError(f"similarity of expert {e} to the dominant experts is not finite; recollect router statistics")
+        groups[ordered_dominants[int(rows[i].argmax())]].append(e)
     return [[d] + sorted(groups[d][1:]) for d in sorted(groups)]
 
 

@@ -7,7 +7,10 @@ Per MoE layer (``MergePass.process``):
    (:func:`~moecompress.algorithms.merging.global_group_counts`, computed once for the model);
 2. grouping (:func:`~moecompress.algorithms.merging.group_experts`): the most frequently selected
    experts dominate (``dominance="reap"``, our option: the highest REAP saliency instead), every other expert joins the dominant one whose router-logit column is most
-   cosine-similar over the calibration tokens; super experts stay singleton groups;
+   cosine-similar over the calibration tokens; super experts stay singleton groups. Our option
+   ``grouping="output"``: a member joins the dominant expert whose OUTPUT is closest to its own on
+   the calibration tokens routed to it (:func:`output_similarity`; relative squared error) — the
+   expert its tokens will actually be served by;
 3. merging (:func:`~moecompress.algorithms.merging.merge_experts`): every member's neurons aligned to
    the dominant expert (Hungarian weight matching), then a frequency-weighted average (gate/up
    biases travel with their neuron, see :mod:`moecompress.passes.prune`; ``down_proj_bias`` is
@@ -40,6 +43,7 @@ Shape legend: E experts, E' groups, I intermediate size, H hidden size.
 from __future__ import annotations
 
 import logging
+from functools import partial
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -47,6 +51,7 @@ import torch
 
 from moecompress.algorithms.merging import (
     ROUTER_MODES,
+    PairSimilarity,
     expert_to_group,
     fit_group_router_rows,
     global_group_counts,
@@ -76,6 +81,11 @@ DOMINANCE = ("frequency", "reap")
 STANDARD_ROUTER_MODES = ROUTER_MODES + ("fitted",)
 # How the aligned members are averaged: M-SMoE's usage frequencies, or RegMean on calibration inputs.
 MERGE_WEIGHTS = ("frequency", "regmean")
+# Which dominant a member joins: M-SMoE's router-logit similarity, or the closest output on its tokens.
+GROUPINGS = ("router", "output")
+# Calibration tokens per member for the output similarity (the first ones routed to it): bounds the
+# cost at members x dominants x this many expert evaluations per layer.
+OUTPUT_SIMILARITY_TOKENS = 1024
 FITTED_SCORINGS = ("softmax", "topk_softmax")
 # Measured on the testbed at 8 of 16 experts (reports/experts.md, benchmarks/experts_quality.py):
 # geometric-mean held-out perplexity 38.81 with the dominant member's row vs 39.27 with the
@@ -99,11 +109,16 @@ class MergeConfig:
     protect_super_experts: bool = True
     dominance: str = "frequency"
     merge_weights: str = "frequency"
+    grouping: str = "router"
 
     @property
     def needs_activations(self) -> bool:
-        """True when merging itself needs calibration activations (fitted router rows, RegMean)."""
-        return (self.router == "standard" and self.router_mode == "fitted") or self.merge_weights == "regmean"
+        """True when merging itself needs calibration activations (fitted router rows, RegMean, output grouping)."""
+        return (self.router == "standard" and self.router_mode == "fitted") or self.records_expert_calls
+
+    @property
+    def records_expert_calls(self) -> bool:
+        return self.merge_weights == "regmean" or self.grouping == "output"
 
     @property
     def uses_per_layer(self) -> bool:
@@ -120,6 +135,8 @@ class MergeConfig:
             raise MoeCompressError(f"unknown --dominance {self.dominance!r}; choose one of {', '.join(DOMINANCE)}")
         if self.merge_weights not in MERGE_WEIGHTS:
             raise MoeCompressError(f"unknown --merge-weights {self.merge_weights!r}; choose one of {', '.join(MERGE_WEIGHTS)}")
+        if self.grouping not in GROUPINGS:
+            raise MoeCompressError(f"unknown --grouping {self.grouping!r}; choose one of {', '.join(GROUPINGS)}")
         if self.num_experts is None or self.num_experts < 1:
             raise MoeCompressError(f"--num-experts {self.num_experts} must be at least 1")
         if self.router == "standard" and not self.uses_per_layer:
@@ -149,13 +166,15 @@ def layer_group_counts(cfg: MergeConfig, stats: RouterStats, protected: Mapping[
 
 
 def group_in_routing_groups(
-    freq: torch.Tensor, sim: torch.Tensor, num_groups: int, protected: Sequence[int], n_group: int = 1
+    freq: torch.Tensor, sim: torch.Tensor, num_groups: int, protected: Sequence[int], n_group: int = 1,
+    similarity: PairSimilarity | None = None,
 ) -> list[list[int]]:
     """:func:`group_experts` within each of ``n_group`` contiguous routing groups (``num_groups /
-    n_group`` each), so a merged expert never mixes routing groups. Groups in routing-group order."""
+    n_group`` each), so a merged expert never mixes routing groups. Groups in routing-group order.
+    ``similarity`` (expert ids of the whole layer) replaces the router similarity when given."""
     num = freq.shape[0]
     if n_group <= 1:
-        return group_experts(freq, sim, num_groups, protected)
+        return group_experts(freq, sim, num_groups, protected, similarity)
     if num % n_group or num_groups % n_group:
         raise MoeCompressError(f"{num_groups} groups of {num} experts do not split into {n_group} routing groups")
     size, per = num // n_group, num_groups // n_group
@@ -163,9 +182,15 @@ def group_in_routing_groups(
     for g in range(n_group):
         lo = g * size
         mine = [e - lo for e in protected if lo <= e < lo + size]
-        sub = group_experts(freq[lo : lo + size], sim[lo : lo + size, lo : lo + size], per, mine)
+        sub = group_experts(freq[lo : lo + size], sim[lo : lo + size, lo : lo + size], per, mine,
+                            _offset(similarity, lo) if similarity is not None else None)
         out += [[lo + e for e in members] for members in sub]
     return out
+
+
+def _offset(similarity: PairSimilarity, lo: int) -> PairSimilarity:
+    """A routing group's view of a whole-layer similarity: local ids ``e`` are layer ids ``lo + e``."""
+    return lambda members, dominants: similarity([lo + e for e in members], [lo + e for e in dominants])
 
 
 def mean_group_similarity(groups: Sequence[Sequence[int]], sim: torch.Tensor) -> float | None:
@@ -227,6 +252,28 @@ def merge_block(
         write_expert(block.experts, g, merged, g)
     set_router_rows(block, rows, bias)
     return fit
+
+
+@torch.no_grad()
+def output_similarity(block: MoEBlockView, calls: Sequence[tuple[torch.Tensor, torch.Tensor]], members: Sequence[int],
+                      dominants: Sequence[int], router_sim: torch.Tensor, max_tokens: int = OUTPUT_SIMILARITY_TOKENS) -> torch.Tensor:
+    """``[len(members), len(dominants)]``: minus the relative squared error ``||f_d(x) - f_m(x)||^2 /
+    ||f_m(x)||^2`` over (up to ``max_tokens`` of) the calibration tokens routed to member m — how well
+    dominant d's output stands in for m's on the tokens m actually serves. A member no token reached
+    keeps its router-similarity row (M-SMoE's criterion)."""
+    experts = block.experts
+    dtype = experts.get(members[0], "up").dtype
+    out = torch.empty(len(members), len(dominants), dtype=torch.float64)
+    for i, m in enumerate(members):
+        x = torch.cat([hidden[(index == m).any(dim=-1)] for hidden, index in calls])[:max_tokens].to(dtype)
+        if x.shape[0] == 0:
+            out[i] = router_sim[m, list(dominants)].to(torch.float64)
+            continue
+        target = experts.forward_expert(m, x).double()
+        scale = target.pow(2).sum().clamp_min(torch.finfo(torch.float64).tiny)
+        for j, d in enumerate(dominants):
+            out[i, j] = -(experts.forward_expert(d, x).double() - target).pow(2).sum() / scale
+    return out
 
 
 def standard_router_rows(block: MoEBlockView, groups, freq, router_mode: str, router_inputs: torch.Tensor | None):
@@ -376,7 +423,7 @@ class MergePass:
         handles = []
         if self.cfg.router == "standard" and self.cfg.router_mode == "fitted":
             handles.append(ctx.block.router.module.register_forward_pre_hook(record, with_kwargs=True))
-        if self.cfg.merge_weights == "regmean":
+        if self.cfg.records_expert_calls:
             handles.append(ctx.block.experts.module.register_forward_pre_hook(record_experts, with_kwargs=True))
         return handles
 
@@ -400,15 +447,19 @@ class MergePass:
         sim = stats.router_similarity
         protected = list(self.protected.get(ctx.index, []))
         dominance = freq if self.cfg.dominance == "frequency" else layer_scores("reap", stats).to(torch.float32)
-        groups = group_in_routing_groups(dominance, sim, self.group_counts[ctx.index], protected, self.n_group)
+        calls = None
+        if self.cfg.records_expert_calls:
+            if not self._expert_calls:
+                raise MoeCompressError("--merge-weights regmean and --grouping output need calibration activations; none were recorded")
+            calls, self._expert_calls = self._expert_calls, []
+        similarity = None
+        if self.cfg.grouping == "output":
+            similarity = partial(output_similarity, block, calls, router_sim=sim)
+        groups = group_in_routing_groups(dominance, sim, self.group_counts[ctx.index], protected, self.n_group, similarity)
         inputs = torch.cat(self._router_inputs) if self._router_inputs else None
         self._router_inputs = []
-        calls = None
-        if self.cfg.merge_weights == "regmean":
-            if not self._expert_calls:
-                raise MoeCompressError("--merge-weights regmean needs calibration activations; none were recorded")
-            calls, self._expert_calls = self._expert_calls, []
-        fit = merge_block(block, groups, freq, self.cfg.router, self.cfg.router_mode, inputs, calls)
+        fit = merge_block(block, groups, freq, self.cfg.router, self.cfg.router_mode, inputs,
+                          calls if self.cfg.merge_weights == "regmean" else None)
         self.report.layers.append(
             LayerMergeReport(ctx.index, stats.num_experts, groups, freq.tolist(), protected,
                              mean_group_similarity(groups, sim), fit)

@@ -188,6 +188,24 @@ def test_group_experts_picks_dominants_and_joins_the_most_similar():
     assert sorted(e for g in groups for e in g) == list(range(6))
 
 
+def test_group_experts_asks_a_pair_similarity_only_for_members_and_dominants():
+    freq = torch.tensor([0.30, 0.05, 0.25, 0.10, 0.20, 0.10])
+    asked = []
+
+    def similarity(members, dominants):
+        asked.append((list(members), list(dominants)))
+        rows = torch.zeros(len(members), len(dominants))
+        for i, m in enumerate(members):
+            rows[i, dominants.index({1: 0, 3: 2, 5: 4}[m])] = 1.0  # the opposite of the router's choice below
+        return rows
+
+    sim = torch.eye(6)
+    sim[1, 4] = sim[3, 0] = sim[5, 2] = 0.9
+    groups = group_experts(freq, sim, num_groups=3, similarity=similarity)
+    assert asked == [([1, 3, 5], [0, 2, 4])]
+    assert groups == [[0, 1], [2, 3], [4, 5]]
+
+
 def test_group_experts_keeps_protected_experts_singleton():
     freq = torch.tensor([0.30, 0.05, 0.25, 0.10, 0.20, 0.10])
     sim = torch.full((6, 6), 0.1)

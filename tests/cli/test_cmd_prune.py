@@ -131,6 +131,7 @@ def test_calibration_without_tokenizer_is_refused(tmp_path):
         (["merge", "{m}", "{o}", "--num-experts", "2", "--dominance", "size", "--stats", "{s}"], "unknown --dominance"),
         (["merge", "{m}", "{o}", "--num-experts", "2", "--router", "slots", "--stats", "{s}"], "unknown --router"),
         (["merge", "{m}", "{o}", "--num-experts", "2", "--merge-weights", "mean", "--stats", "{s}"], "unknown --merge-weights"),
+        (["merge", "{m}", "{o}", "--num-experts", "2", "--grouping", "weights", "--stats", "{s}"], "unknown --grouping"),
         (["prune", "{m}", "{o}", "--num-experts", "2", "--refit-damp", "0", "--stats", "{s}"], "--refit-damp must be positive"),
         (["merge", "{m}", "{o}", "--num-experts", "2", "--refit-sweeps", "0", "--stats", "{s}"], "--refit-sweeps must be at least 1"),
         (["prune", "{d}", "{o}", "--num-experts", "5", "--stats", "{ds}"], "routing groups"),

@@ -90,6 +90,25 @@ def test_regmean_merging_gives_back_identical_experts_and_differs_otherwise(iden
     for weights in ("frequency", "regmean"):
         merge_job(tmp_path / "model", tmp_path / weights, MergeConfig(2, router="exact", per_layer=True, merge_weights=weights), source)
     assert not torch.allclose(_logits(tmp_path / "frequency")[0], _logits(tmp_path / "regmean")[0])
+    result, _ = merge_job(tmp_path / "model", tmp_path / "output", MergeConfig(2, per_layer=True, grouping="output"), source)
+    assert result.details["grouping"] == "output" and "closest output" in (tmp_path / "output" / "report.md").read_text()
+
+
+@torch.no_grad()
+def test_output_similarity_prefers_the_dominant_that_computes_the_same_function():
+    from moecompress.passes.merge import output_similarity
+
+    torch.manual_seed(0)
+    block = describe_model(build_tiny_model("qwen3_moe").eval()).blocks[0]
+    module = block.experts.module
+    for p in (module.gate_up_proj, module.down_proj):
+        p[2] = p[1]  # expert 2 computes exactly what expert 1 does
+    hidden = torch.randn(40, block.experts.hidden_size)
+    index = torch.tensor([[2, 0]] * 20 + [[0, 1]] * 20)  # expert 3 receives no token
+    router_sim = torch.rand(4, 4)
+    sim = output_similarity(block, [(hidden, index)], [2, 3], [0, 1], router_sim)
+    assert sim[0, 1] == 0 and sim[0, 0] < 0  # the copy stands in exactly, the other does not
+    assert torch.equal(sim[1], router_sim[3, [0, 1]].double())  # no token: M-SMoE's router row
 
 
 def test_exact_slots_router_keeps_every_slot_and_members_share_weights(tmp_path):

@@ -122,9 +122,10 @@ def test_prune_and_merge_with_refit_on_model_samples_for_every_family(family, tm
     result, _ = prune_job(tmp_path / "model", tmp_path / "pruned", PruneConfig(method="reap", num_experts=keep), source,
                           refit=RefitConfig())
     # RegMean with the standard router routes the calibration tokens through a resized copy of the
-    # family's own router (softmax, sigmoid + groups, sparsemixer, biases).
-    merged, _ = merge_job(tmp_path / "model", tmp_path / "merged", MergeConfig(keep, merge_weights="regmean"), source,
-                          refit=RefitConfig())
+    # family's own router (softmax, sigmoid + groups, sparsemixer, biases); output grouping runs
+    # within DeepSeek / GLM routing groups.
+    merged, _ = merge_job(tmp_path / "model", tmp_path / "merged", MergeConfig(keep, merge_weights="regmean", grouping="output"),
+                          source, refit=RefitConfig())
     for job, out in ((result, "pruned"), (merged, "merged")):
         layers = job.details["refit"]["layers"]
         assert layers and all(v["after"] <= max(v["before"], 1e-9) + 1e-6 for v in layers.values()), out
