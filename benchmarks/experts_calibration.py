@@ -55,8 +55,9 @@ def run(method: str, keep: int, testbed: Path, stats_dir: Path, out: Path) -> di
     start = time.time()
     if method.startswith("msmoe-"):
         router = "exact" if method.startswith("msmoe-exact") else "standard"
-        weights = "regmean" if method.endswith("-regmean") else "frequency"
-        cfg = MergeConfig(num_experts=keep, router=router, per_layer=True, merge_weights=weights)
+        grouping = "output" if method.endswith("-output") else "router"
+        weights = "regmean" if method.removesuffix("-output").endswith("-regmean") else "frequency"
+        cfg = MergeConfig(num_experts=keep, router=router, per_layer=True, merge_weights=weights, grouping=grouping)
         result, _ = merge_job(testbed, out, cfg, source, overwrite=True, refit=RefitConfig())
     else:
         result, _ = prune_job(testbed, out, PruneConfig(method=method, num_experts=keep), source, overwrite=True,
@@ -111,7 +112,8 @@ def main() -> None:
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/moecompress_experts_calibration"))
     ap.add_argument("--mixed-cache", type=Path, default=Path("/tmp/moecompress_experts_bench/results.json"))
     ap.add_argument("--keep", default="12,8,4")
-    ap.add_argument("--methods", default="frequency,reap,dern,msmoe-exact,msmoe-dominant,msmoe-exact-regmean,msmoe-dominant-regmean")
+    ap.add_argument("--methods", default="frequency,reap,dern,msmoe-exact,msmoe-dominant,msmoe-exact-regmean,msmoe-dominant-regmean,"
+                                         "msmoe-exact-regmean-output,msmoe-dominant-regmean-output")
     ap.add_argument("--report", type=Path, default=REPO / "reports" / "experts_calibration.md")
     args = ap.parse_args()
 

@@ -19,6 +19,8 @@ Variants (``--variants``; all by default):
   behind the expert -> group map; ``--router exact-slots`` gives the same outputs in a plain
   checkpoint of the original size, tested in tests/model/test_expert_groups.py);
 * ``msmoe-exact-global``: ``--router exact`` with MC-SMoE's global threshold (N groups on average);
+* ``...-regmean-output``: also ``--grouping output`` (members join the dominant with the closest
+  output on their calibration tokens);
 * ``...-regmean``: M-SMoE with ``--merge-weights regmean`` (RegMean on the calibration inputs instead
   of the frequency-weighted average; the rewrite sweep then runs on the statistics' calibration set);
 * ``dern-t0.4`` ... : DERN with another similarity threshold (``dern-tX``), ``dern-gate`` with the gate
@@ -47,6 +49,8 @@ DEFAULT_VARIANTS = (
     "frequency+refit", "reap+refit", "dern+refit", "msmoe-dominant+refit", "msmoe-exact+refit",
     "msmoe-dominant-reapdom+refit", "msmoe-fitted+refit",
     "msmoe-exact-regmean", "msmoe-exact-regmean+refit", "msmoe-dominant-regmean", "msmoe-dominant-regmean+refit",
+    "msmoe-exact-regmean-output", "msmoe-exact-regmean-output+refit",
+    "msmoe-dominant-regmean-output", "msmoe-dominant-regmean-output+refit",
 )
 REAP_LLMCOMPRESSOR_8_OF_16 = 0.079  # llm-compressor's REAP at 8 of 16 on the testbed (+7.9% perplexity)
 
@@ -99,16 +103,18 @@ def run_variant(variant: str, keep: int, testbed: Path, stats_dir: Path, out: Pa
         raise SystemExit(f"unknown variant suffix +{suffix}")
     if variant.startswith("msmoe"):
         _, rest = variant.split("-", 1)
+        grouping = "output" if rest.endswith("-output") else "router"
+        rest = rest.removesuffix("-output")
         weights = "regmean" if rest.endswith("-regmean") else "frequency"
         rest = rest.removesuffix("-regmean")
         dominance = "reap" if rest.endswith("-reapdom") else "frequency"
         rest = rest.removesuffix("-reapdom")
         if rest.startswith("exact"):
             cfg = MergeConfig(num_experts=keep, router="exact", per_layer=rest != "exact-global", dominance=dominance,
-                              merge_weights=weights)
+                              merge_weights=weights, grouping=grouping)
         else:
             cfg = MergeConfig(num_experts=keep, router="standard", router_mode=rest, per_layer=True, dominance=dominance,
-                              merge_weights=weights)
+                              merge_weights=weights, grouping=grouping)
         result, merger = merge_job(testbed, out, cfg, source, overwrite=True, refit=refit)
         sims = [r.mean_similarity for r in merger.report.layers if r.mean_similarity is not None]
         diag = {"mean_group_similarity": sum(sims) / len(sims) if sims else None,

@@ -30,8 +30,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 from experts_quality import DEFAULT_TESTBED, evaluate_folder  # noqa: E402
 
-DEFAULT_VARIANTS = ("frequency,msmoe-exact,msmoe-exact-regmean,msmoe-dominant-regmean,"
-                    "frequency+refit,msmoe-exact+refit,msmoe-dominant-regmean+refit")
+DEFAULT_VARIANTS = ("frequency,msmoe-exact,msmoe-exact-regmean,msmoe-dominant-regmean,msmoe-exact-regmean-output,"
+                    "msmoe-dominant-regmean-output,frequency+refit,msmoe-exact+refit,msmoe-dominant-regmean+refit,"
+                    "msmoe-exact-regmean-output+refit,msmoe-dominant-regmean-output+refit")
 
 
 def collect(testbed: Path, stats_dir: Path, seed: int) -> None:
@@ -54,6 +55,8 @@ def run(variant: str, keep: int, seed: int, testbed: Path, stats_dir: Path, out:
 
     method, _, suffix = variant.partition("+")
     refit = RefitConfig() if suffix == "refit" else None
+    grouping = "output" if method.endswith("-output") else "router"
+    method = method.removesuffix("-output")
     weights = "regmean" if method.endswith("-regmean") else "frequency"
     method = method.removesuffix("-regmean")
     source = StatsSource(stats_dir=stats_dir, calib="mixed", nsamples=64, seqlen=256, seed=seed)
@@ -61,7 +64,7 @@ def run(variant: str, keep: int, seed: int, testbed: Path, stats_dir: Path, out:
     if method.startswith("msmoe-"):
         router = method.removeprefix("msmoe-")
         cfg = MergeConfig(num_experts=keep, router="standard" if router == "dominant" else router, per_layer=True,
-                          merge_weights=weights)
+                          merge_weights=weights, grouping=grouping)
         merge_job(testbed, out, cfg, source, overwrite=True, refit=refit)
     else:
         prune_job(testbed, out, PruneConfig(method=method, num_experts=keep), source, overwrite=True, refit=refit)
