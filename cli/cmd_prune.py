@@ -149,7 +149,7 @@ def merge(
     router_mode: str = typer.Option(None, help="standard router rows: dominant, weighted, logsumexp_approx (needs a router bias) or fitted (fitted on calibration to the exact per-group routing mass; bias-free softmax routers)"),
     per_layer: bool = typer.Option(None, "--per-layer/--global", help="same group count in every layer, or MC-SMoE's global frequency threshold (default: per-layer for standard, global for exact and exact-slots)"),
     dominance: str = typer.Option("frequency", help="which experts dominate the groups: frequency (M-SMoE) or reap (REAP saliency)"),
-    grouping: str = typer.Option("router", help="which dominant a member joins: router (M-SMoE: most similar router-logit column) or output (closest expert output on the member's calibration tokens)"),
+    grouping: str = typer.Option("auto", help="which dominant a member joins: router (M-SMoE: most similar router-logit column), output (closest expert output on the member's calibration tokens) or auto (output with the exact routers, router with the standard one)"),
     merge_weights: str = typer.Option("regmean", help="how aligned members are combined: regmean (our default: least squares on each member's calibration inputs) or frequency (M-SMoE's frequency-weighted average)"),
     stats: Path = _shared("stats"),
     calib: str = _shared("calib"),

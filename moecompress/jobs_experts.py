@@ -391,7 +391,7 @@ def merge_job(
             "distinct_experts_after": round(sum(merger.group_counts.values()) / max(len(merger.group_counts), 1), 2),
             "dominance": cfg.dominance,
             "merge_weights": cfg.merge_weights,
-            "grouping": cfg.grouping,
+            "grouping": cfg.grouping_used,
             "router_mode": cfg.router_mode if cfg.router == "standard" else None,
             "group_counts": "per-layer" if cfg.uses_per_layer else "global threshold",
             "groups_per_layer": {str(i): n for i, n in merger.group_counts.items()},

@@ -81,8 +81,10 @@ DOMINANCE = ("frequency", "reap")
 STANDARD_ROUTER_MODES = ROUTER_MODES + ("fitted",)
 # How the aligned members are averaged: M-SMoE's usage frequencies, or RegMean on calibration inputs.
 MERGE_WEIGHTS = ("frequency", "regmean")
-# Which dominant a member joins: M-SMoE's router-logit similarity, or the closest output on its tokens.
-GROUPINGS = ("router", "output")
+# Which dominant a member joins: M-SMoE's router-logit similarity, or the closest output on its tokens;
+# "auto": output for the exact routers (the member's tokens ARE served by its group's expert), router
+# for the standard router (its tokens are re-routed by the router, which router similarity predicts).
+GROUPINGS = ("router", "output", "auto")
 # Calibration tokens per member for the output similarity (the first ones routed to it): bounds the
 # cost at members x dominants x this many expert evaluations per layer.
 OUTPUT_SIMILARITY_TOKENS = 1024
@@ -117,8 +119,15 @@ class MergeConfig:
         return (self.router == "standard" and self.router_mode == "fitted") or self.records_expert_calls
 
     @property
+    def grouping_used(self) -> str:
+        """``router`` or ``output`` (``auto`` resolved by the router kind)."""
+        if self.grouping != "auto":
+            return self.grouping
+        return "output" if self.router in EXACT_ROUTERS else "router"
+
+    @property
     def records_expert_calls(self) -> bool:
-        return self.merge_weights == "regmean" or self.grouping == "output"
+        return self.merge_weights == "regmean" or self.grouping_used == "output"
 
     @property
     def uses_per_layer(self) -> bool:
@@ -453,7 +462,7 @@ class MergePass:
                 raise MoeCompressError("--merge-weights regmean and --grouping output need calibration activations; none were recorded")
             calls, self._expert_calls = self._expert_calls, []
         similarity = None
-        if self.cfg.grouping == "output":
+        if self.cfg.grouping_used == "output":
             similarity = partial(output_similarity, block, calls, router_sim=sim)
         groups = group_in_routing_groups(dominance, sim, self.group_counts[ctx.index], protected, self.n_group, similarity)
         inputs = torch.cat(self._router_inputs) if self._router_inputs else None

@@ -93,7 +93,7 @@ def test_merge_standard_and_exact(models, tmp_path):
         assert exact.exit_code == 0, exact.output
         summary = json.loads(exact.stdout)
         assert summary["experts_after"] == 4 and summary["group_counts"] == "global threshold"
-        assert summary["distinct_experts_after"] == 2
+        assert summary["distinct_experts_after"] == 2 and summary["grouping"] == "output"  # auto: output for exact
         record = json.loads((tmp_path / router / "kept_experts.json").read_text())
         assert record["router"] == router
         assert all(sorted(e for g in groups for e in g) == [0, 1, 2, 3] for groups in record["layers"].values())

@@ -94,6 +94,14 @@ def test_regmean_merging_gives_back_identical_experts_and_differs_otherwise(iden
     assert result.details["grouping"] == "output" and "closest output" in (tmp_path / "output" / "report.md").read_text()
 
 
+def test_auto_grouping_uses_outputs_with_exact_routers_and_router_similarity_otherwise():
+    assert MergeConfig(2, router="exact", grouping="auto").grouping_used == "output"
+    assert MergeConfig(2, router="exact-slots", grouping="auto").grouping_used == "output"
+    assert MergeConfig(2, router="standard", grouping="auto").grouping_used == "router"
+    assert MergeConfig(2, router="exact").grouping_used == "router"  # the library default is M-SMoE's
+    assert MergeConfig(2, router="exact", grouping="auto").needs_activations
+
+
 @torch.no_grad()
 def test_output_similarity_prefers_the_dominant_that_computes_the_same_function():
     from moecompress.passes.merge import output_similarity
