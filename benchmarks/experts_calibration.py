@@ -77,10 +77,13 @@ Written from the run recorded above.
 - With sampled calibration, DERN + refit is the best method at 8 of 16 (+1.04%), and M-SMoE with the
   exact router and RegMean merging the best at 4 of 16 (+10.8%, ahead of M-SMoE's frequency average
   +11.8%, frequency pruning +13.1% and DERN +13.2%); at 8 of 16 it is second (+1.15%).
-- At 12 of 16 every method is within 0.1% (+0.05% to +0.09%); merging cannot beat pruning there on
-  this model (`reports/experts.md`, "12 of 16 is a wall"). M-SMoE with the standard router, even with
-  RegMean, does not beat frequency pruning at 4 of 16 (+14.4% vs +13.1%) and ties it at 8 of 16
-  (+2.43% vs +2.44%)."""
+- The CLI's exact-router default (RegMean + output grouping, `msmoe-exact-regmean-output`) beats
+  frequency pruning at every ratio here too: +0.029 / +1.37 / +11.0% against +0.054 / +2.44 / +13.1%
+  — the lowest of every method at 12 of 16 with this calibration. Router grouping is
+  better at 8 and 4 of 16 on this calibration set (+1.15%, +10.8%).
+- M-SMoE with the standard router, even with RegMean, does not beat frequency pruning at 4 of 16
+  (+14.4% vs +13.1%) and ties it at 8 of 16 (+2.43% vs +2.44%). DERN + refit loses to frequency +
+  refit at 4 of 16 by 0.06 points with this calibration (it wins with `mixed`)."""
 
 
 def write_report(path: Path, results: dict, mixed: dict, keeps: list[int], methods: list[str]) -> None:

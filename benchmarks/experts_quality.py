@@ -321,19 +321,31 @@ reproduce the original layer's routed output on the calibration tokens
   of DERN + refit +24.3%). Standard router (RegMean over the tokens the dominant rows still send to
   the merged expert): +0.04 / +17.0 / +64.3% against +0.15 / +21.8 / +82.0%; with the refit +0.08 /
   +9.8 / +28.3%.
-- **12 of 16 is a wall for merging on this model.** Sending the 4 rarest experts' tokens to an
-  UNCHANGED dominant expert (the exact router with no averaging at all: a lower bound on what any
-  merge of those groups can cost) already costs +0.068% against frequency pruning's +0.044%: the
-  router's own next choice serves those tokens better than any single group expert. With the
-  standard router the merged expert sees almost none of the members' tokens, so RegMean leaves it
-  nearly the dominant and the result equals frequency pruning (33.98552 vs 33.98546). Over three
-  calibration seeds (`reports/experts_seeds.md`) the paired difference to frequency pruning is
-  +0.004 +- 0.006 points (standard + RegMean), +0.056 +- 0.043 (exact + RegMean), +0.112 +- 0.007
-  (exact, M-SMoE's average).
+- **Output grouping** (`-output`, the CLI default with the exact routers: `--grouping auto`): a
+  member joins the dominant expert whose output is closest to its own on the calibration tokens
+  routed to it, instead of M-SMoE's most similar router-logit column. With the exact router those
+  tokens ARE served by the group's expert. Exact router + RegMean, 12 / 8 / 4 of 16: +0.026 / +10.1 /
+  +43.1% (router grouping +0.104 / +11.0 / +46.0%); with the refit **+0.033 / +5.77 / +23.8%**
+  (router grouping +0.118 / +7.18 / +23.3%). Chosen on the calibration set: the merged layer's
+  calibration error before the refit falls from 0.0003 / 0.0234 / 0.1623 to 0.0001 / 0.0215 / 0.1596
+  with the exact router, but RISES with the standard router (0.0457 -> 0.0549 at 8, 0.2388 -> 0.2639
+  at 4): there the router, not the group, decides where a member's tokens go, so `auto` keeps
+  router similarity for it (held-out agrees: standard + output +0.044 / +16.4 / +68.5%).
+- **12 of 16, where merging is hardest.** Sending the 4 rarest experts' tokens to an UNCHANGED
+  dominant chosen by router similarity already costs +0.068% (frequency pruning: +0.044%); with
+  M-SMoE's grouping and average the exact router loses (+0.161%). Output grouping picks a dominant
+  that really computes like the member and RegMean keeps both maps: +0.026%, below pruning on all
+  three calibration seeds (`reports/experts_seeds.md`: +0.026 / +0.242 / +0.029% against +0.044 /
+  +0.256 / +0.044%; with the refit +0.033 / +0.226 / +0.029% against +0.080 / +0.254 / +0.081%).
+  The standard router ties frequency pruning at 12 of 16 (+0.0437% vs +0.0435%): its merged expert
+  sees almost none of the members' tokens.
 - **Goals**: the best method at 8 of 16 (REAP + refit, +2.2%) beats REAP (+4.1% ours, +7.9%
-  llm-compressor's). DERN beats frequency at every ratio with the default refit. M-SMoE with RegMean
-  beats frequency pruning at 8 and 4 of 16 with either router (with the refit, the standard router
-  only at 8); at 12 of 16 it ties (standard) or loses by 0.06 points (exact) — see the wall above."""
+  llm-compressor's). DERN beats frequency at every ratio with the default refit. M-SMoE, as the CLI
+  runs it with `--router exact` (RegMean, output grouping, refit), beats frequency pruning at every
+  ratio: +0.033 / +5.77 / +23.8% against +0.080 / +10.1 / +27.2% (and without the refit +0.026 /
+  +10.1 / +43.1% against +0.044 / +19.2 / +70.4%). The paper's method alone (frequency average,
+  router grouping) does not at 12 of 16 (+0.161%), and the standard router (a plain checkpoint) ties
+  at 12 and loses at 4 of 16 with the refit (+28.3% vs +27.2%)."""
 
 
 def main() -> None:

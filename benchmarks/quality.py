@@ -38,7 +38,7 @@ METHODS = {
     "prune-reap-8": ("REAP pruning + refit, 8 of 16", "prune {model} {out} --method reap --num-experts 8 --stats {stats}"),
     "prune-reap-8-norefit": ("REAP pruning alone (--no-refit), 8 of 16", "prune {model} {out} --method reap --num-experts 8 --no-refit --stats {stats}"),
     "merge-msmoe-8": ("M-SMoE merging (RegMean) + refit, 8 of 16", "merge {model} {out} --method msmoe --num-experts 8 --stats {stats}"),
-    "merge-msmoe-exact-8": ("M-SMoE exact router (RegMean) + refit, 8 of 16", "merge {model} {out} --method msmoe --num-experts 8 --router exact --per-layer --stats {stats}"),
+    "merge-msmoe-exact-8": ("M-SMoE exact router (RegMean, output grouping) + refit, 8 of 16", "merge {model} {out} --method msmoe --num-experts 8 --router exact --per-layer --stats {stats}"),
     "dynamic-skip": ("MC-MoE dynamic skipping", "compress-experts {model} {out} --n-ce 0 --dynamic-skip " + " ".join(CALIB)),
 }
 

@@ -9,12 +9,13 @@ Per MoE layer (``MergePass.process``):
    experts dominate (``dominance="reap"``, our option: the highest REAP saliency instead), every other expert joins the dominant one whose router-logit column is most
    cosine-similar over the calibration tokens; super experts stay singleton groups. Our option
    ``grouping="output"``: a member joins the dominant expert whose OUTPUT is closest to its own on
-   the calibration tokens routed to it (:func:`output_similarity`; relative squared error) — the
-   expert its tokens will actually be served by;
+   the calibration tokens routed to it (:func:`output_similarity`; relative squared error) — with
+   an exact router the group's expert is what serves those tokens (``grouping="auto"`` picks this
+   for the exact routers and router similarity for the standard one);
 3. merging (:func:`~moecompress.algorithms.merging.merge_experts`): every member's neurons aligned to
    the dominant expert (Hungarian weight matching), then a frequency-weighted average (gate/up
    biases travel with their neuron, see :mod:`moecompress.passes.prune`; ``down_proj_bias`` is
-   averaged with the same weights). Our option ``merge_weights="regmean"`` replaces the average by
+   averaged with the same weights, or solved with the down weights under RegMean). Our option ``merge_weights="regmean"`` replaces the average by
    RegMean (:func:`~moecompress.algorithms.merging.regmean_combine`): gate/up are solved from each
    member's routed calibration inputs, down from each member's intermediate activations, so the
    merged expert keeps every member's map on the inputs that member receives (the frequency average
@@ -43,8 +44,8 @@ Shape legend: E experts, E' groups, I intermediate size, H hidden size.
 from __future__ import annotations
 
 import logging
-from functools import partial
 from collections.abc import Mapping, Sequence
+from functools import partial
 from dataclasses import dataclass, field
 
 import torch
