@@ -264,6 +264,17 @@ def merge_block(
     return fit
 
 
+def tokens_routed_to(e: int, calls: Sequence[tuple[torch.Tensor, torch.Tensor]],
+                     reach: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
+    """The recorded hidden states ``[T_e, H]`` whose original top-k held expert ``e`` (and, with
+    ``reach`` — per batch ``[T]`` bool — that still reach e's merged slot), in calibration order."""
+    rows = []
+    for b, (hidden, index) in enumerate(calls):
+        mask = (index == e).any(dim=-1)
+        rows.append(hidden[mask if reach is None else mask & reach[b]])
+    return torch.cat(rows)
+
+
 @torch.no_grad()
 def output_similarity(block: MoEBlockView, calls: Sequence[tuple[torch.Tensor, torch.Tensor]], members: Sequence[int],
                       dominants: Sequence[int], router_sim: torch.Tensor, max_tokens: int = OUTPUT_SIMILARITY_TOKENS) -> torch.Tensor:
@@ -275,7 +286,7 @@ def output_similarity(block: MoEBlockView, calls: Sequence[tuple[torch.Tensor, t
     dtype = experts.get(members[0], "up").dtype
     out = torch.empty(len(members), len(dominants), dtype=torch.float64)
     for i, m in enumerate(members):
-        x = torch.cat([hidden[(index == m).any(dim=-1)] for hidden, index in calls])[:max_tokens].to(dtype)
+        x = tokens_routed_to(m, calls)[:max_tokens].to(dtype)
         if x.shape[0] == 0:
             out[i] = router_sim[m, list(dominants)].to(torch.float64)
             continue
@@ -338,18 +349,12 @@ def member_grams(block: MoEBlockView, calls: Sequence[tuple[torch.Tensor, torch.
     together with the down weights. Read from the block's current, unmerged weights; lists of m."""
     experts = block.experts
     dtype = experts.get(members[0], "up").dtype
-    reach = reach if reach is not None else [None] * len(calls)
     input_grams, activation_grams = [], []
     for e in members:
-        rows = []
-        for (hidden, index), reaches in zip(calls, reach):
-            mask = (index == e).any(dim=-1)
-            rows.append(hidden[mask if reaches is None else mask & reaches])
-        x = torch.cat(rows).float()  # [T_e, H]
+        x = tokens_routed_to(e, calls, reach).float()  # [T_e, H]
         a = experts.intermediate(e, x.to(dtype)).float()  # [T_e, I]
         if experts.has_bias:
             x = torch.cat([x, x.new_ones(x.shape[0], 1)], dim=1)
-        if experts.has_bias:
             a = torch.cat([a, a.new_ones(a.shape[0], 1)], dim=1)
         x, a = x.to(regmean_dtype(x.shape[1])), a.to(regmean_dtype(a.shape[1]))  # float32 for large models' Grams
         input_grams.append(x.T @ x)
