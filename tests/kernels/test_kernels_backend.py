@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-import moecompress.kernels as kernels
+import moecompress.kernels.dispatch as kernels
 from moecompress.errors import MoeCompressError
 from moecompress.kernels import config_table
 from moecompress.kernels.synthetic import random_expert_group, random_packed, random_routing
