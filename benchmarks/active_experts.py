@@ -67,7 +67,7 @@ def heldout_ids(tokenizer, testbed: Path, max_tokens: int) -> dict[str, torch.Te
 def measure(model, ids: dict[str, torch.Tensor], seqlen: int) -> dict:
     """Perplexity per file, geo-mean, seconds per predicted token, and the CE blocks' compute counters."""
     from moecompress.evaluate import perplexity_of_ids
-    from moecompress.passes.compressed_experts import CompressedExpertsBlock
+    from moecompress.modules.compressed_experts import CompressedExpertsBlock
 
     blocks = [m for m in model.modules() if isinstance(m, CompressedExpertsBlock)]
     for b in blocks:
@@ -115,8 +115,9 @@ def main() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import moecompress  # noqa: F401  (registers the quantizer)
-    from moecompress.jobs import calibration_for
-    from moecompress.passes.compressed_experts import CompressExpertsConfig, LayerFitRecord, compress_experts_job
+    from moecompress.api.calibration import calibration_for
+    from moecompress.api.compress_experts import compress_experts_job
+    from moecompress.passes.compressed_experts import CompressExpertsConfig, LayerFitRecord
     from moecompress.model.loading import LayerwiseModel
 
     transformers.logging.set_verbosity_error()
@@ -212,7 +213,7 @@ def main() -> None:
 
 def self_calibration(args):
     """EBSS self-generated calibration (``--calib self``), generated once and kept in WORKDIR (generation is slow on CPU)."""
-    from moecompress.jobs import calibration_for
+    from moecompress.api.calibration import calibration_for
 
     from types import SimpleNamespace
 

@@ -35,7 +35,7 @@ CALIB = {"calib": "sample", "nsamples": 64, "seqlen": 256, "seed": 0}
 
 def collect_sample_stats(testbed: Path, stats_dir: Path) -> None:
     from moecompress.calibration.stats import collect_stats
-    from moecompress.jobs import calibration_for
+    from moecompress.api.calibration import calibration_for
 
     if (stats_dir / "stats.json").exists():
         return
@@ -46,7 +46,7 @@ def collect_sample_stats(testbed: Path, stats_dir: Path) -> None:
 
 
 def run(method: str, keep: int, testbed: Path, stats_dir: Path, out: Path) -> dict:
-    from moecompress.jobs_experts import StatsSource, merge_job, prune_job
+    from moecompress.api.experts import StatsSource, merge_job, prune_job
     from moecompress.passes.merge import MergeConfig
     from moecompress.passes.prune import PruneConfig
     from moecompress.passes.refit import RefitConfig

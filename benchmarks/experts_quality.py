@@ -73,7 +73,7 @@ def evaluate_folder(folder: Path, testbed: Path) -> dict:
 def collect(testbed: Path, stats_dir: Path) -> float:
     """Statistics of the original testbed over mixed 64 x 256 (seed 0); returns the seconds it took."""
     from moecompress.calibration.stats import collect_stats
-    from moecompress.jobs import calibration_for
+    from moecompress.api.calibration import calibration_for
 
     if (stats_dir / "stats.json").exists():
         return json.loads((stats_dir / "timing.json").read_text())["seconds"]
@@ -89,7 +89,7 @@ def collect(testbed: Path, stats_dir: Path) -> float:
 
 def run_variant(variant: str, keep: int, testbed: Path, stats_dir: Path, out: Path) -> dict:
     """Compress the testbed with one variant keeping ``keep`` experts per layer; time it."""
-    from moecompress.jobs_experts import StatsSource, merge_job, prune_job
+    from moecompress.api.experts import StatsSource, merge_job, prune_job
     from moecompress.passes.merge import MergeConfig
     from moecompress.passes.prune import PruneConfig
 

@@ -37,7 +37,7 @@ DEFAULT_VARIANTS = ("frequency,msmoe-exact,msmoe-exact-regmean,msmoe-dominant-re
 
 def collect(testbed: Path, stats_dir: Path, seed: int) -> None:
     from moecompress.calibration.stats import collect_stats
-    from moecompress.jobs import calibration_for
+    from moecompress.api.calibration import calibration_for
 
     if (stats_dir / "stats.json").exists():
         return
@@ -48,7 +48,7 @@ def collect(testbed: Path, stats_dir: Path, seed: int) -> None:
 
 
 def run(variant: str, keep: int, seed: int, testbed: Path, stats_dir: Path, out: Path) -> dict:
-    from moecompress.jobs_experts import StatsSource, merge_job, prune_job
+    from moecompress.api.experts import StatsSource, merge_job, prune_job
     from moecompress.passes.merge import MergeConfig
     from moecompress.passes.prune import PruneConfig
     from moecompress.passes.refit import RefitConfig

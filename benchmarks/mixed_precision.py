@@ -41,13 +41,13 @@ def main() -> None:
 
     import transformers
 
-    from moecompress.jobs import calibration_for, quantize_job
+    from moecompress.api.calibration import calibration_for
+    from moecompress.api.quantize import mixed_precision_job, quantize_job
     from moecompress.passes.mixed_precision import (
         MixedPrecisionConfig,
         checkpoint_budget,
         checkpoint_expert_widths,
         load_or_profile,
-        mixed_precision_job,
     )
     from moecompress.passes.profile import ExpertProfile
     from moecompress.passes.quantize import QuantizeConfig

@@ -15,17 +15,18 @@ def run(
     as_json: bool = typer.Option(False, "--json", help="print a JSON summary"),
 ) -> None:
     """Run a pipeline: model, calibration, ordered passes, export, eval (validated before any work)."""
-    from moecompress.cli.main import app
-    from moecompress.cli.pipeline import load_pipeline, pass_schemas, run_pipeline
+    from moecompress.cli.common import LayerProgress, seconds_line
+    from moecompress.pipeline.run import run_pipeline
+    from moecompress.pipeline.schema import load_pipeline, pass_schemas
 
     quiet_transformers()
-    schemas = pass_schemas(app)
-    p = load_pipeline(pipeline, schemas)
-    summary = run_pipeline(p, schemas, dry_run=dry_run, echo=lambda s: console.print(s, highlight=False))
+    p = load_pipeline(pipeline, pass_schemas())
+    with LayerProgress("pass") as progress:
+        result = run_pipeline(p, dry_run=dry_run, echo=lambda s: console.print(s, highlight=False), progress=progress)
     if as_json:
-        print_json(summary)
+        print_json(result.as_json())
     elif not dry_run:
-        console.print(f"wrote [bold]{summary['output']}[/]; report: {Path(summary['output']) / 'report.md'}")
+        console.print(f"wrote [bold]{result.out}[/] in {seconds_line(result)}; report: {Path(result.out) / 'report.md'}")
 
 
 def register(app: typer.Typer) -> None:

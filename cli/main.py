@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.table import Table
@@ -69,50 +68,8 @@ def _register_commands() -> None:
     """Commands living in their own modules register themselves on `app`."""
     import importlib
 
-    for name in ("stats", "quantize", "prune", "compress_experts", "lint", "pipeline", "demo"):
-        try:
-            module = importlib.import_module(f"moecompress.cli.cmd_{name}")
-        except ModuleNotFoundError as exc:
-            if exc.name == f"moecompress.cli.cmd_{name}":
-                continue  # not built yet
-            raise
-        module.register(app)
-    for info in app.registered_commands:
-        if (info.name or "") in ("quantize", "prune", "merge", "compress-experts", "stats"):
-            info.callback = with_save_pipeline(info.name, info.callback)
-
-
-def with_save_pipeline(command: str, callback):
-    """Add ``--save-pipeline FILE`` to a command: after it succeeds, write the one-pass pipeline it ran."""
-    import functools
-    import inspect
-
-    import yaml
-
-    sig = inspect.signature(callback)
-    option = inspect.Parameter(
-        "save_pipeline",
-        inspect.Parameter.KEYWORD_ONLY,
-        default=typer.Option(None, "--save-pipeline", help="write the pipeline YAML this command ran"),
-        annotation=Optional[Path],
-    )
-
-    @functools.wraps(callback)
-    def wrapper(*args, save_pipeline: Optional[Path] = None, **kwargs):
-        result = callback(*args, **kwargs)
-        if save_pipeline is not None:
-            from moecompress.cli.pipeline import pass_schemas, single_pass_pipeline
-
-            bound = sig.bind_partial(*args, **kwargs).arguments
-            doc = single_pass_pipeline(
-                command, bound, bound.get("model"), bound.get("out", ""), bool(bound.get("overwrite", False)), pass_schemas(app)
-            )
-            Path(save_pipeline).write_text(yaml.safe_dump(doc, sort_keys=False))
-        return result
-
-    params = [p for p in sig.parameters.values()] + [option]
-    wrapper.__signature__ = sig.replace(parameters=params)
-    return wrapper
+    for name in ("stats", "quantize", "prune", "merge", "compress_experts", "lint", "pipeline", "demo"):
+        importlib.import_module(f"moecompress.cli.cmd_{name}").register(app)
 
 
 _register_commands()
@@ -125,7 +82,7 @@ def main() -> None:
     # handler does it itself and exits: an exception raised from a signal handler is lost when the
     # signal lands while Python runs a finalizer or weakref callback ("Exception ignored in ...").
     def _terminate(_signum, _frame):
-        from moecompress.export.writer import abort_all_staging
+        from moecompress.api.output import abort_all_staging
 
         abort_all_staging()
         sys.stdout.flush()

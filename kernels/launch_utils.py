@@ -76,8 +76,11 @@ def packed_shape(
     k = rows * 32 // bits
     if fmt.packed_rows(k, bits) != rows:
         raise MoeCompressError(f"qweight has {rows} rows, which no K packs to at {bits} bits")
-    if group_size <= 0 or k % group_size:
-        raise MoeCompressError(f"group size {group_size} does not divide K={k}")
+    if group_size == fmt.PER_CHANNEL:
+        raise MoeCompressError(f"the kernels take the group length itself: pass K={k} for per-channel, not -1")
+    problem = fmt.group_size_problem(k, group_size, packed=False)
+    if problem is not None:
+        raise MoeCompressError(problem)
     expected = (*qweight.shape[:-2], k // group_size, n)
     if tuple(scales.shape) != expected:
         raise MoeCompressError(f"scales shape {tuple(scales.shape)} does not match qweight: expected {expected}")

@@ -48,7 +48,22 @@ from moecompress.kernels.launch_utils import (
 from moecompress.quant import format as fmt
 
 ACTIVATION_CODES = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3, "gpt_oss": 4}
-ACTIVATION_ALIASES = {"swiglu": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh"}
+# transformers' activation names (a config's ``hidden_act``, the keys of ``transformers.activations.
+# ACT2FN``) -> the kernel activation that computes the same function; tests/kernels/test_activations.py
+# compares each against ACT2FN[name]. A name missing here has no kernel (e.g. quick_gelu, gelu_10).
+HF_ACTIVATIONS = {
+    "silu": "silu",
+    "swish": "silu",
+    "gelu": "gelu",  # erf GELU
+    "gelu_python": "gelu",
+    "gelu_pytorch_tanh": "gelu_tanh",  # tanh approximation: 0.5x(1 + tanh(sqrt(2/pi)(x + 0.044715x^3)))
+    "gelu_python_tanh": "gelu_tanh",
+    "gelu_new": "gelu_tanh",
+    "gelu_accurate": "gelu_tanh",
+    "gelu_fast": "gelu_tanh",  # the same formula, sqrt(2/pi) rounded to 10 digits
+    "relu": "relu",
+}
+ACTIVATION_ALIASES = {"swiglu": "silu", **{k: v for k, v in HF_ACTIVATIONS.items() if k not in ACTIVATION_CODES}}
 GPT_OSS_DEFAULTS = {"alpha": 1.702, "limit": 7.0}
 
 
@@ -65,7 +80,18 @@ class MoeLayerDims:
     limit: float
 
 
+def hf_activation(hidden_act: str) -> str:
+    """The kernels' activation computing transformers' ``ACT2FN[hidden_act]`` exactly (a config's name)."""
+    if hidden_act not in HF_ACTIVATIONS:
+        raise MoeCompressError(
+            f"expert activation {hidden_act!r} is not supported by the packed kernels; supported: {', '.join(sorted(HF_ACTIVATIONS))}"
+        )
+    return HF_ACTIVATIONS[hidden_act]
+
+
 def canonical_activation(activation: str) -> str:
+    """The kernels' name for a stored activation: one of :data:`ACTIVATION_CODES`, ``swiglu``, or a
+    transformers name (mapped by :data:`HF_ACTIVATIONS`, the one table)."""
     name = ACTIVATION_ALIASES.get(activation, activation)
     if name not in ACTIVATION_CODES:
         raise MoeCompressError(

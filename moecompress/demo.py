@@ -30,7 +30,10 @@ HELDOUT_CHARS = 200_000
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("MOECOMPRESS_CACHE", Path.home() / ".cache" / "moecompress"))
+    """``$MOECOMPRESS_CACHE``, else ``$XDG_CACHE_HOME/moecompress``, else ``~/.cache/moecompress``."""
+    if os.environ.get("MOECOMPRESS_CACHE"):
+        return Path(os.environ["MOECOMPRESS_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "moecompress"
 
 
 def _stdlib_files() -> list[Path]:
@@ -116,22 +119,33 @@ def build_demo_model(folder: Path, progress=None) -> Path:
             progress(step + 1, STEPS, float(out.loss.detach()))
     model.eval()
     model.config.output_router_logits = False
-    tmp = folder.with_name(folder.name + ".tmp")
-    model.to(torch.bfloat16).save_pretrained(str(tmp))
-    tokenizer.save_pretrained(str(tmp))
-    (tmp / "heldout.txt").write_text(held_text)
-    tmp.rename(folder)
+    from moecompress.api.output import OutputFolder
+
+    output = OutputFolder(folder, overwrite=False)
+    with output.staged() as tmp:  # a unique staging name: concurrent or killed runs never collide
+        model.to(torch.bfloat16).save_pretrained(str(tmp))
+        tokenizer.save_pretrained(str(tmp))
+        (tmp / "heldout.txt").write_text(held_text)
     return folder
 
 
 def demo_model(progress=None) -> Path:
-    """The cached demo model folder, trained on first use."""
+    """The cached demo model folder, trained on first use.
+
+    A lock file serialises concurrent first runs: the second waits for the first's model instead of
+    training its own (and the model appears in the cache only whole, through a staging folder)."""
+    import fcntl
+
     folder = cache_dir() / f"demo-model-{DEMO_VERSION}"
-    if not (folder / "config.json").exists():
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        start = time.time()
-        build_demo_model(folder, progress)
-        log.info("trained the demo model in %.0fs", time.time() - start)
+    if (folder / "config.json").exists():
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with open(folder.parent / f".{folder.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (folder / "config.json").exists():
+            start = time.time()
+            build_demo_model(folder, progress)
+            log.info("trained the demo model in %.0fs", time.time() - start)
     return folder
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from moecompress.errors import MoeCompressError
+from moecompress.validation import check_int
 
 
 @dataclass
@@ -49,6 +50,7 @@ def load_for_eval(model_folder: str | Path):
     import moecompress  # noqa: F401  (registers the quantizer)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from moecompress.model.checks import check_finite
     from moecompress.model.loading import read_config
 
     read_config(model_folder)  # one-line errors for missing folders / configs
@@ -57,6 +59,7 @@ def load_for_eval(model_folder: str | Path):
     except (OSError, ValueError) as exc:
         raise MoeCompressError(f"{model_folder} has no tokenizer; copy the tokenizer files into it") from exc
     model = AutoModelForCausalLM.from_pretrained(str(model_folder), dtype=torch.float32).eval()
+    check_finite(model, "", model_folder)  # a NaN weight would only show as a NaN perplexity
     return model, tokenizer
 
 
@@ -89,9 +92,16 @@ def perplexity_of_ids(model, ids: torch.Tensor, seqlen: int = 256, batch_size: i
     return math.exp(nll / count), count, n_chunks
 
 
+def check_eval_options(seqlen: int, max_tokens: int | None, batch_size: int) -> None:
+    """One-line errors for evaluation options, before any file is read."""
+    check_int("--seqlen", seqlen, 2, expected="at least 2 (an integer: tokens per chunk)")
+    check_int("--batch-size", batch_size, 1, expected="at least 1 (an integer: chunks per forward)")
+    if max_tokens is not None:
+        check_int("--max-tokens", max_tokens, seqlen, expected=f"at least one chunk of --seqlen {seqlen} (an integer)")
+
+
 def evaluate(model_folder: str | Path, data: str | Path, seqlen: int = 256, max_tokens: int | None = None, batch_size: int = 8) -> EvalResult:
-    if seqlen < 2:
-        raise MoeCompressError("--seqlen must be at least 2")
+    check_eval_options(seqlen, max_tokens, batch_size)
     text = read_text(data)
     start = time.time()
     model, tokenizer = load_for_eval(model_folder)

@@ -11,7 +11,7 @@ import torch
 
 from moecompress.errors import MoeCompressError
 from moecompress.evaluate import evaluate, folder_bytes, model_memory_bytes, perplexity_of_ids, read_text
-from moecompress.jobs import quantize_job
+from moecompress.api.quantize import quantize_job
 from moecompress.model.tiny import build_tiny_model, save_tiny_model
 from moecompress.passes.quantize import QuantizeConfig
 

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 import torch
 
 from moecompress.errors import MoeCompressError
+from moecompress.validation import check_float
 
 SHARED_EXPERT = -1  # expert index reported for a layer's shared expert
 
@@ -104,11 +105,15 @@ def super_expert_thresholds(
     return _thresholds(entries, cutoff, percentile, ratio)
 
 
+def check_threshold_options(percentile: float, ratio: float) -> None:
+    """One-line errors for the detection options (``stats --super-percentile / --super-ratio``), NaN included;
+    callable before any statistics are collected."""
+    check_float("--super-percentile", percentile, 0.0, 100.0)
+    check_float("--super-ratio", ratio, 0.0)
+
+
 def _thresholds(entries, cutoff: int, percentile: float, ratio: float) -> SuperExpertThresholds:
-    if not 0.0 <= percentile <= 100.0:
-        raise MoeCompressError(f"percentile must be in [0, 100], got {percentile}")
-    if ratio < 0:
-        raise MoeCompressError(f"ratio must be >= 0, got {ratio}")
+    check_threshold_options(percentile, ratio)
     if not entries:
         raise MoeCompressError(
             f"no expert statistics in decoder layers below {cutoff}; pass output_max for the MoE layers"

@@ -33,8 +33,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moecompress.calibration.sources import CalibrationSet
+from moecompress.calibration.types import CalibrationSet
 from moecompress.errors import CalibrationError
+from moecompress.model.families import EXPERT_COUNT_KEYS
 
 __all__ = [
     "balance_sigma",
@@ -109,7 +110,7 @@ def find_experts_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 def _num_experts(module: nn.Module) -> int:
     """Number of experts in a fused experts module: its attribute, else the leading dim of a 3-D weight."""
-    for attr in ("num_experts", "num_local_experts", "n_routed_experts"):
+    for attr in EXPERT_COUNT_KEYS:
         value = getattr(module, attr, None)
         if isinstance(value, int) and value > 0:
             return value

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from moecompress.calibration.types import CalibrationSet
 from moecompress.errors import CalibrationError
 
 
@@ -41,8 +42,6 @@ def sample_generate(
     batch_size: int = 16,
 ):
     """``nsamples`` rows of ``seqlen`` tokens sampled from ``model`` -> :class:`CalibrationSet`."""
-    from moecompress.calibration.sources import CalibrationSet  # lazy: sources imports this module
-
     vocab = model.get_output_embeddings().weight.shape[0]
     allowed = _allowed_ids(vocab, vocab_exclude, vocab_limit)
     banned = (~allowed).float() * -1e9  # added to the logits: banned ids get probability ~0

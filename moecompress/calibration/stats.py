@@ -49,7 +49,7 @@ from moecompress.analysis.super_experts import (
     layer_cutoff,
     super_expert_thresholds,
 )
-from moecompress.calibration.sources import CalibrationSet
+from moecompress.calibration.types import CalibrationSet
 from moecompress.errors import MoeCompressError
 from moecompress.model.driver import LayerContext, run_layerwise
 from moecompress.model.loading import LayerwiseModel
@@ -570,7 +570,7 @@ class RouterStats:
         tensors = {
             f"layer{i}.{name}": t.contiguous() for i in self.moe_layers for name, t in self.layers[i].tensors().items()
         }
-        save_file(tensors, str(folder / STATS_TENSORS), metadata={"format": "moecompress-stats", "version": str(STATS_VERSION)})
+        save_file(tensors, str(folder / STATS_TENSORS), metadata={"format": f"moecompress-stats-v{STATS_VERSION}"})  # one key: safetensors writes a multi-key metadata map in random order
         (folder / STATS_JSON).write_text(json.dumps(self.to_json(), indent=1))
         return folder / STATS_JSON, folder / STATS_TENSORS
 

@@ -33,24 +33,19 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import tempfile
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, TypeVar
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 from moecompress.errors import MoeCompressError
-from moecompress.export.writer import TOKENIZER_FILES, prepare_output
+from moecompress.model.families import OUTPUT_COPY_FILES, OUTPUT_HEAD, UNQUANTIZED_BLOCK_MODULES
 from moecompress.quant import format as fmt
 
-T = TypeVar("T")
-UNQUANTIZED = 16
-ROUTER_NAMES = ("gate", "router")
-SHARED_GATE_NAMES = ("shared_expert_gate",)
+UNQUANTIZED = fmt.UNQUANTIZED_BITS
 
 
 # --------------------------------------------------------------------------------------------------
@@ -278,16 +273,14 @@ def _expert_tensors(path: str, d: dict, names, shard) -> tuple[dict[str, torch.T
     return out, by_scheme, dense
 
 
-def convert_native_to_compressed_tensors(
-    native: str | Path, out: str | Path, overwrite: bool = False, allow_mixed_layers: bool = False
-) -> Path:
-    """Write a compressed-tensors ``pack-quantized`` checkpoint at ``out`` from the native one at ``native``.
+def convert_native_to_compressed_tensors(native: str | Path, target: str | Path, allow_mixed_layers: bool = False) -> Path:
+    """Write a compressed-tensors ``pack-quantized`` checkpoint into the folder ``target`` (created if
+    missing) from the native one at ``native``. Staging and the swap into OUT are the job's
+    (:mod:`moecompress.api.output`).
 
     ``allow_mixed_layers``: also convert layers vLLM cannot load (mixed widths, unquantized experts;
-    the result is then what ``moecompress lint`` reports). Returns ``out``."""
-    from moecompress.export.writer import StagingFolder
-
-    native = Path(native)
+    the result is then what ``moecompress lint`` reports). Returns ``target``."""
+    native, target = Path(native), Path(target)
     config = _native_config(native)
     qc = config["quantization_config"]
     modules: dict[str, dict] = qc.get("modules", {})
@@ -300,64 +293,51 @@ def convert_native_to_compressed_tensors(
         raise MoeCompressError(f"cannot read {index_path} ({exc}); the native checkpoint is incomplete") from None
     skeleton = skeleton_from_config(native)
     groups: dict[SchemeKey, list[str]] = defaultdict(list)
-    ignore: list[str] = ["lm_head"] if "lm_head.weight" in weight_map else []
+    ignore: list[str] = [OUTPUT_HEAD] if f"{OUTPUT_HEAD}.weight" in weight_map else []
     stored = {path: checkpoint_prefix(skeleton, path) for path in modules}  # module path -> checkpoint prefix
     for path, d in modules.items():
         if d["type"] == "experts":
             block = stored[path].rsplit(".", 1)[0]
-            ignore += [f"{block}.{n}" for n in ROUTER_NAMES + SHARED_GATE_NAMES if f"{block}.{n}.weight" in weight_map]
+            ignore += [f"{block}.{n}" for n in UNQUANTIZED_BLOCK_MODULES if f"{block}.{n}.weight" in weight_map]
     new_map: dict[str, str] = {}
     total = 0
-    with StagingFolder(out, overwrite) as stage:
-        for shard_name in sorted(set(weight_map.values())):
-            tensors: dict[str, torch.Tensor] = {}
-            with safe_open(str(native / shard_name), "pt") as shard:
-                keys = set(shard.keys())
-                handled: set[str] = set()
-                for path, d in modules.items():
-                    name = stored[path]  # the module's name in the checkpoint
-                    mine = {k for k in keys if k.startswith(name + ".")}
-                    if not mine:
-                        continue
-                    handled |= mine
-                    if d["type"] == "experts":
-                        names = expert_checkpoint_names(skeleton, path, d["num_experts"], d.get("has_gate", True))
-                        packed, by_scheme, _dense = _expert_tensors(name, d, names, shard)
-                        tensors.update(packed)
-                        for key, experts in by_scheme.items():
-                            groups[key].append(expert_targets(names, name, experts, d["num_experts"]))
-                    else:
-                        zeros = shard.get_tensor(f"{name}.zeros") if not d["symmetric"] else None
-                        for k, v in repack_projection(shard.get_tensor(f"{name}.qweight"), shard.get_tensor(f"{name}.scales"), zeros, d["bits"]).items():
-                            tensors[f"{name}.{k}"] = v
-                        if d.get("bias"):
-                            tensors[f"{name}.bias"] = shard.get_tensor(f"{name}.bias")
-                        g = -1 if qc.get("group_size") == -1 else d["group_size"]
-                        groups[SchemeKey(d["bits"], g, d["symmetric"])].append(linear_target(name))
-                for k in sorted(keys - handled):
-                    tensors[k] = shard.get_tensor(k)
-            save_file({k: v.contiguous() for k, v in sorted(tensors.items())}, str(stage.path / shard_name), metadata={"format": "pt"})
-            for k, v in tensors.items():
-                new_map[k] = shard_name
-                total += v.numel() * v.element_size()
-        config["quantization_config"] = build_quantization_config(groups, ignore)
-        (stage.path / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(new_map.items()))}
-        (stage.path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-        for name in TOKENIZER_FILES:
-            if (native / name).exists():
-                shutil.copy2(native / name, stage.path / name)
-        return stage.commit()
-
-
-def write_via_native(out: str | Path, overwrite: bool, write_native: Callable[[Path], T], allow_mixed_layers: bool = False) -> T:
-    """Run ``write_native(tmp)`` into a temporary folder beside ``out``, convert it to compressed-tensors
-    at ``out`` and remove the temporary folder (also on failure). Returns what ``write_native`` returned."""
-    out = prepare_output(out, overwrite)
-    tmp_root = Path(tempfile.mkdtemp(prefix=f".{out.name}.native-", dir=out.parent))
-    try:
-        value = write_native(tmp_root / "native")
-        convert_native_to_compressed_tensors(tmp_root / "native", out, overwrite=overwrite, allow_mixed_layers=allow_mixed_layers)
-        return value
-    finally:
-        shutil.rmtree(tmp_root, ignore_errors=True)
+    target.mkdir(parents=True, exist_ok=True)
+    for shard_name in sorted(set(weight_map.values())):
+        tensors: dict[str, torch.Tensor] = {}
+        with safe_open(str(native / shard_name), "pt") as shard:
+            keys = set(shard.keys())
+            handled: set[str] = set()
+            for path, d in modules.items():
+                name = stored[path]  # the module's name in the checkpoint
+                mine = {k for k in keys if k.startswith(name + ".")}
+                if not mine:
+                    continue
+                handled |= mine
+                if d["type"] == "experts":
+                    names = expert_checkpoint_names(skeleton, path, d["num_experts"], d.get("has_gate", True))
+                    packed, by_scheme, _dense = _expert_tensors(name, d, names, shard)
+                    tensors.update(packed)
+                    for key, experts in by_scheme.items():
+                        groups[key].append(expert_targets(names, name, experts, d["num_experts"]))
+                else:
+                    zeros = shard.get_tensor(f"{name}.zeros") if not d["symmetric"] else None
+                    for k, v in repack_projection(shard.get_tensor(f"{name}.qweight"), shard.get_tensor(f"{name}.scales"), zeros, d["bits"]).items():
+                        tensors[f"{name}.{k}"] = v
+                    if d.get("bias"):
+                        tensors[f"{name}.bias"] = shard.get_tensor(f"{name}.bias")
+                    g = -1 if qc.get("group_size") == -1 else d["group_size"]
+                    groups[SchemeKey(d["bits"], g, d["symmetric"])].append(linear_target(name))
+            for k in sorted(keys - handled):
+                tensors[k] = shard.get_tensor(k)
+        save_file({k: v.contiguous() for k, v in sorted(tensors.items())}, str(target / shard_name), metadata={"format": "pt"})
+        for k, v in tensors.items():
+            new_map[k] = shard_name
+            total += v.numel() * v.element_size()
+    config["quantization_config"] = build_quantization_config(groups, ignore)
+    (target / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(new_map.items()))}
+    (target / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    for name in OUTPUT_COPY_FILES:
+        if (native / name).exists():
+            shutil.copy2(native / name, target / name)
+    return target

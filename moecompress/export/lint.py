@@ -35,6 +35,8 @@ from pathlib import Path
 from safetensors import safe_open
 
 from moecompress.errors import MoeCompressError
+from moecompress.model.families import OUTPUT_HEAD, UNQUANTIZED_BLOCK_MODULES
+from moecompress.quant import format as fmt
 
 RULES: dict[str, tuple[str, str]] = {
     "CT100": ("compressed-tensors-config", "error"),
@@ -49,7 +51,6 @@ RULES: dict[str, tuple[str, str]] = {
 }
 VLLM_MOE_BITS = (4, 8)
 _EXPERT_MODULE = re.compile(r"^(?P<path>.*experts)\.(?P<expert>\d+)\.(?P<proj>[A-Za-z0-9_]+)$")
-_ROUTERS = ("gate", "router", "shared_expert_gate")
 
 
 @dataclass
@@ -274,8 +275,9 @@ def _check_quantized_tensors(report: LintReport, modules, scheme_of, groups, ten
             report.add("CT106", m, "has weight_packed but no 2-element weight_shape")
             continue
         n, k = shape
-        if args.strategy == "group" and args.group_size and k % args.group_size:
-            report.add("CT103", m, f"group size {args.group_size} ({scheme_name}) does not divide the input dimension {k}")
+        problem = fmt.group_size_problem(k, args.group_size, packed=False) if args.strategy == "group" and args.group_size else None
+        if problem is not None:
+            report.add("CT103", m, f"{problem} ({scheme_name})")
             continue
         groups_k = 1 if args.strategy == "channel" else (k // args.group_size if args.group_size else 1)
         want = {
@@ -296,10 +298,10 @@ def _check_quantized_tensors(report: LintReport, modules, scheme_of, groups, ten
 
 
 def _check_routers(report: LintReport, experts, modules, ignore: list[str]) -> None:
-    names = ["lm_head"] if "lm_head" in modules else []
+    names = [OUTPUT_HEAD] if OUTPUT_HEAD in modules else []
     for path in experts:
         block = path.rsplit(".", 1)[0]
-        names += [f"{block}.{r}" for r in _ROUTERS if f"{block}.{r}" in modules]
+        names += [f"{block}.{r}" for r in UNQUANTIZED_BLOCK_MODULES if f"{block}.{r}" in modules]
     for name in names:
         if "weight_packed" in modules[name]:
             report.add("CT104", name, "is stored quantized; routers and lm_head must stay dense")

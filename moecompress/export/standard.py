@@ -36,9 +36,9 @@ from torch import nn
 
 from moecompress.errors import MoeCompressError
 from moecompress.model.expert_groups import resize_rows, set_count_attributes
+from moecompress.model.families import EXPERT_COUNT_KEYS, config_top_k
 from moecompress.model.view import MoEBlockView
 
-EXPERT_COUNT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts")
 KEPT_EXPERTS_FILE = "kept_experts.json"
 KEPT_EXPERTS_FORMAT = "moecompress-kept-experts"
 KEPT_EXPERTS_VERSION = 1
@@ -72,7 +72,7 @@ def routing_groups(config) -> tuple[int, int]:
 
 def check_expert_count(config, new_count: int) -> None:
     """Raise a one-line error unless a checkpoint of this family can have ``new_count`` experts per layer."""
-    top_k = int(getattr(config, "num_experts_per_tok", 1) or 1)
+    top_k = int(config_top_k(config) or 1)
     old = config_expert_count(config)
     if not 1 <= new_count <= old:
         raise MoeCompressError(f"{new_count} experts per layer is outside [1, {old}]; ask for between 1 and {old}")

@@ -3,7 +3,7 @@
 M-SMoE's exact router keeps all E router rows and routes every expert id to its group's merged
 expert. The experts module then holds only the E' merged experts, and a forward pre-hook rewrites
 the routing it receives, ``top_k_index [T, k]`` with ids in ``[0, E)``, into group ids in
-``[0, E')`` before the family's own forward (or :class:`~moecompress.quant.packed_modules.PackedExperts`)
+``[0, E')`` before the family's own forward (or :class:`~moecompress.modules.packed.PackedExperts`)
 runs. Two selected experts of one group then both reach that group's expert, each with its own
 routing weight: ``(w_a + w_b) * merged(x)``, which is exactly the paper's form.
 
@@ -29,10 +29,10 @@ import torch
 from torch import nn
 
 from moecompress.errors import MoeCompressError
+from moecompress.model.families import EXPERT_COUNT_KEYS
 
 MAP_ATTRIBUTE = "moecompress_expert_to_group"
 _HOOK_ATTRIBUTE = "_moecompress_expert_group_hook"
-_COUNT_ATTRIBUTES = ("num_experts", "num_local_experts", "n_routed_experts")
 
 
 def check_expert_to_group(expert_to_group: Sequence[int]) -> int:
@@ -133,7 +133,7 @@ def resize_rows(module: nn.Module, old_count: int, index: torch.Tensor) -> None:
 def set_count_attributes(module: nn.Module, old_count: int, new_count: int) -> None:
     """The integer attributes a family's forward reads the expert count from (and an ``nn.Linear``
     router's ``out_features``) follow a resize."""
-    for attr in _COUNT_ATTRIBUTES:
+    for attr in EXPERT_COUNT_KEYS:
         if isinstance(getattr(module, attr, None), int) and getattr(module, attr) == old_count:
             setattr(module, attr, new_count)
     if isinstance(module, nn.Linear) and module.out_features == old_count:

@@ -14,6 +14,7 @@ import logging
 from pathlib import Path
 
 import torch
+from huggingface_hub.errors import StrictDataclassError
 from safetensors import safe_open
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
@@ -22,11 +23,12 @@ from transformers.core_model_loading import convert_and_load_state_dict_in_model
 from transformers.modeling_utils import LoadStateDictConfig
 
 from moecompress.errors import MoeCompressError, UnsupportedModelError
+from moecompress.model.checks import check_config_dtype, check_finite, check_native_tensors, check_routing_config
+from moecompress.model.families import OUTPUT_HEAD
 from moecompress.model.view import MoEModelView, describe_model
-from moecompress.quant.hf_integration import apply_native_structure, native_config
+from moecompress.quant.hf_integration import native_config, rebuild_native_structure
 
 log = logging.getLogger(__name__)
-
 
 class CheckpointIndex:
     """Checkpoint key -> safetensors file, for a single-file or sharded (index.json) checkpoint."""
@@ -99,10 +101,21 @@ def read_config(folder: str | Path):
     if not (path / "config.json").exists():
         raise MoeCompressError(f"{path} has no config.json; pass a folder written by save_pretrained")
     try:
-        return AutoConfig.from_pretrained(str(path))
+        raw = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        raw = None  # AutoConfig reports it below, in its own words
+    if isinstance(raw, dict):
+        check_config_dtype(raw, path / "config.json")
+    try:
+        config = AutoConfig.from_pretrained(str(path))
+    except StrictDataclassError as exc:  # a field of the wrong type: the cause is on the following lines
+        reason = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+        raise UnsupportedModelError(f"cannot read {path / 'config.json'}: {reason}; fix config.json") from exc
     except (ValueError, KeyError, OSError, json.JSONDecodeError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UnsupportedModelError(f"cannot read {path / 'config.json'}: {first}") from exc
+    check_routing_config(config, str(path / "config.json"))
+    return config
 
 
 @torch.no_grad()
@@ -152,8 +165,12 @@ class LayerwiseModel:
         # replaced modules are read by the passes that accept them (compress-experts).
         self.native = native_config(self.config)
         if self.native is not None:
-            apply_native_structure(self.model, self.native, dtype)
+            rebuild_native_structure(self.model, self.native, dtype)  # the runtime modules' function, registered
         self._mapping = get_model_conversion_mapping(self.model)
+        if self.native is not None:
+            # Every tensor the config promises must be in the shards: a missing one would be left as
+            # uninitialised memory by to_empty() (NaN or garbage far from the cause).
+            check_native_tensors(self.model, self.native, self.checkpoint.keys(), self.folder, self._mapping)
 
     @property
     def packed_modules(self) -> dict[str, dict]:
@@ -245,6 +262,7 @@ class LayerwiseModel:
         missing = self._load_keys(self._keys_under(prefix))
         self._check_loaded(prefix, layer, missing)
         _own_storage(layer)
+        check_finite(layer, prefix, self.folder)
         return layer
 
     def release_layer(self, index: int) -> None:
@@ -263,6 +281,7 @@ class LayerwiseModel:
             raise MoeCompressError(
                 f"checkpoint {self.folder} lacks {sorted(outer_missing)[0]}; the checkpoint is incomplete"
             )
+        check_finite(self.model, "", self.folder, skip_prefix=layers)
 
     def _materialize_outer(self, module: nn.Module, name: str) -> None:
         layers = self.view.layers_name
@@ -281,9 +300,10 @@ class LayerwiseModel:
             setattr(parent, attr, type(module)(config=self.config))
 
     def _tie_if_needed(self, missing: set[str]) -> None:
-        if "lm_head.weight" in missing and getattr(self.config, "tie_word_embeddings", False):
-            self.model.lm_head.weight = self.model.get_input_embeddings().weight
-            missing.discard("lm_head.weight")
+        head = f"{OUTPUT_HEAD}.weight"
+        if head in missing and getattr(self.config, "tie_word_embeddings", False):
+            self.model.get_submodule(OUTPUT_HEAD).weight = self.model.get_input_embeddings().weight
+            missing.discard(head)
 
     def release_outer(self) -> None:
         for name, module in self.model.named_children():

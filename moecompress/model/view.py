@@ -30,6 +30,7 @@ from torch import nn
 
 from moecompress.errors import UnsupportedModelError
 from moecompress.model.expert_groups import expert_groups_of
+from moecompress.model.families import ROUTER_NAMES, SHARED_EXPERT_NAMES, SHARED_GATE_NAMES, config_top_k
 
 # Families with tests (tests/model/test_view.py). Anything else with a standard experts module goes
 # through the same generic code path, flagged as such in `inspect`.
@@ -113,7 +114,14 @@ def _router_scoring(router: nn.Module) -> str:
 
 
 def _make_router_view(router: nn.Module, config, num_experts: int) -> RouterView:
-    top_k = getattr(router, "top_k", None) or getattr(config, "num_experts_per_tok", None)
+    top_k = getattr(router, "top_k", None) or config_top_k(config)
+    weight = getattr(router, "weight", None)
+    rows = int(weight.shape[0]) if isinstance(weight, torch.Tensor) and weight.dim() == 2 else num_experts
+    if not isinstance(top_k, int) or isinstance(top_k, bool) or not 1 <= top_k <= rows:
+        raise UnsupportedModelError(
+            f"{type(router).__name__}: experts per token (top-k, num_experts_per_tok) must be an integer in [1, {rows}] "
+            f"(the router's experts), got {top_k!r}; the model config is broken; fix it"
+        )
     scoring = _router_scoring(router)
     norm = getattr(router, "norm_topk_prob", getattr(config, "norm_topk_prob", scoring != "softmax"))
     if type(router).__name__.startswith("Mixtral"):
@@ -337,11 +345,6 @@ class MoEBlockView:
         return grouped.clamp_min(torch.finfo(torch.float32).tiny).log(), grouped
 
 
-_SHARED_NAMES = ("shared_expert", "shared_experts", "shared_mlp")
-_SHARED_GATE_NAMES = ("shared_expert_gate",)
-_ROUTER_NAMES = ("gate", "router")
-
-
 def find_moe_block(layer: nn.Module, layer_index: int, config) -> MoEBlockView | None:
     """The MoE block of one decoder layer, or None for a dense layer."""
     experts_name, experts = next(((n, m) for n, m in layer.named_modules() if is_experts_module(m)), (None, None))
@@ -350,7 +353,7 @@ def find_moe_block(layer: nn.Module, layer_index: int, config) -> MoEBlockView |
     block_name = experts_name.rsplit(".", 1)[0] if "." in experts_name else ""
     block = layer.get_submodule(block_name) if block_name else layer
     router_name, router = None, None
-    for name in _ROUTER_NAMES:
+    for name in ROUTER_NAMES:
         cand = getattr(block, name, None)
         if isinstance(cand, nn.Module) and hasattr(cand, "weight"):
             router_name, router = name, cand
@@ -369,10 +372,10 @@ def find_moe_block(layer: nn.Module, layer_index: int, config) -> MoEBlockView |
         experts=ExpertsView(experts),
         experts_name=experts_name,
     )
-    for name in _SHARED_NAMES:
+    for name in SHARED_EXPERT_NAMES:
         if isinstance(getattr(block, name, None), nn.Module):
             view.shared, view.shared_name = getattr(block, name), name
-    for name in _SHARED_GATE_NAMES:
+    for name in SHARED_GATE_NAMES:
         if isinstance(getattr(block, name, None), nn.Module):
             view.shared_gate, view.shared_gate_name = getattr(block, name), name
     return view

@@ -42,6 +42,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moecompress.modules.compressed_experts import CompressedExpertsBlock
+
 # --------------------------------------------------------------------------------------------------
 # The math (tensor in, tensor out)
 # --------------------------------------------------------------------------------------------------
@@ -230,8 +232,6 @@ def mean_kl(model: nn.Module, input_ids: torch.Tensor, targets: TeacherTargets, 
 
 def trainable_ces(model: nn.Module) -> list[nn.Parameter]:
     """Freeze every parameter of the model, then unfreeze and return each compressed-experts block's ``ces``."""
-    from moecompress.passes.compressed_experts import CompressedExpertsBlock
-
     for p in model.parameters():
         p.requires_grad_(False)
     ces = [m.ces for m in model.modules() if isinstance(m, CompressedExpertsBlock)]

@@ -68,6 +68,7 @@ from moecompress.model.driver import LayerContext
 from moecompress.model.expert_groups import install_expert_groups, keep_expert_rows
 from moecompress.model.view import MoEBlockView
 from moecompress.passes.prune import ExpertStack, layer_scores, protected_experts, read_experts, write_expert
+from moecompress.validation import check_int
 
 log = logging.getLogger(__name__)
 
@@ -147,8 +148,7 @@ class MergeConfig:
             raise MoeCompressError(f"unknown --merge-weights {self.merge_weights!r}; choose one of {', '.join(MERGE_WEIGHTS)}")
         if self.grouping not in GROUPINGS:
             raise MoeCompressError(f"unknown --grouping {self.grouping!r}; choose one of {', '.join(GROUPINGS)}")
-        if self.num_experts is None or self.num_experts < 1:
-            raise MoeCompressError(f"--num-experts {self.num_experts} must be at least 1")
+        check_int("--num-experts", self.num_experts, 1, expected="at least 1 (an integer: merged experts per layer)")
         if self.router == "standard" and not self.uses_per_layer:
             raise MoeCompressError(
                 "a standard checkpoint holds the same expert count in every layer; use --per-layer "

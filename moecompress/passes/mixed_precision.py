@@ -11,7 +11,7 @@
 3. Allocate with :func:`moecompress.quant.allocate.allocate_bits` (global budget by default,
    ``scope="layer"`` for the paper's per-layer budget).
 4. Quantize with the quantize pass at the chosen widths (``QuantizeConfig.expert_bits``), through
-   :func:`moecompress.jobs.quantize_job`; the budget is then recomputed from the WRITTEN checkpoint's
+   :func:`moecompress.api.quantize.write_mixed_precision`; the budget is then recomputed from the WRITTEN checkpoint's
    ``config.json`` and checked.
 
 Shape legend: L MoE layers, E experts per layer, B candidate widths.
@@ -42,6 +42,8 @@ from moecompress.quant.allocate import (
     budget_bits_used,
     effective_bits,
 )
+from moecompress.quant.format import SUPPORTED_BITS
+from moecompress.validation import check_choice, check_float, fail
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +78,29 @@ class MixedPrecisionConfig:
         )
 
     def validate(self) -> None:
+        check_float("--bits-budget", self.budget, 0.0, low_open=True,
+                    expected="a finite number > 0 (average stored bits per routed-expert weight, e.g. 2.5)")
+        widths = ", ".join(str(b) for b in SUPPORTED_BITS)
+        choices = self.bit_choices
+        if not isinstance(choices, (tuple, list)) or not choices:
+            fail("--bit-choices", f"a non-empty comma-separated list of widths from {widths}", choices)
+        for b in choices:
+            check_choice("--bit-choices", b, SUPPORTED_BITS, f"widths from {widths}")
+        if len(set(choices)) != len(choices):
+            fail("--bit-choices", "a list of distinct widths (each width once)", ",".join(str(b) for b in choices))
+        check_choice("--allocation", self.allocation, ("global", "layer"))
+        check_choice("--granularity", self.granularity, ("expert", "layer"))
+        check_float("--alpha", self.alpha, 0.0)
+        check_float("--beta", self.beta, 0.0)
+        for option, b in (("--min-bits", self.min_bits), ("--max-bits", self.max_bits)):
+            if b is not None:
+                check_choice(option, b, SUPPORTED_BITS, f"one of {widths}")
+        if self.min_bits is not None and self.max_bits is not None and self.min_bits > self.max_bits:
+            fail("--min-bits", f"<= --max-bits ({self.max_bits})", self.min_bits)
+        lo, hi = self.min_bits or 0, self.max_bits or UNQUANTIZED_BITS
+        if not any(lo <= b <= hi for b in choices):
+            fail("--bit-choices", f"a list with at least one width within --min-bits {self.min_bits} and --max-bits {self.max_bits}",
+                 ",".join(str(b) for b in choices))
         if self.super_experts not in SUPER_EXPERT_MODES:
             raise MoeCompressError(f"--super-experts must be one of {', '.join(SUPER_EXPERT_MODES)}, got {self.super_experts!r}")
         if self.profile_method not in ("rtn", "gptq"):
@@ -125,8 +150,7 @@ class MixedPrecisionPlan:
             "protected": [{"layer": s.layer, "expert": s.expert, "max_abs": s.max_abs} for s in self.protected],
             "shared_super_experts": [{"layer": s.layer, "max_abs": s.max_abs} for s in self.shared_super_experts],
             "pinned": [{"layer": l, "expert": e, "bits": UNQUANTIZED_BITS if b is None else b} for (l, e), b in sorted(self.pinned.items())],
-            "allocation_seconds": self.seconds,
-        }
+        }  # no timing: this record goes into config.json, whose bytes depend only on the inputs and seed
 
 
 def check_budget_feasible(mp: MixedPrecisionConfig, group_size: int, symmetric: bool) -> None:
@@ -315,63 +339,6 @@ def super_experts_for(profile: ExpertProfile, stats_dir: str | Path | None) -> t
     return profile.super_experts(), "the profiling sweep's output_max"
 
 
-def mixed_precision_job(
-    model_folder: str | Path,
-    out: str | Path,
-    mp: MixedPrecisionConfig,
-    qcfg: QuantizeConfig,
-    input_ids: torch.Tensor | None,
-    calibration: dict,
-    stats_dir: str | Path | None = None,
-    overwrite: bool = False,
-    batch_size: int = 8,
-    progress: Callable[[int, int], None] | None = None,
-    profile_progress: Callable[[int, int], None] | None = None,
-):
-    """Profile (or reuse ``stats_dir``), allocate, quantize into a native checkpoint at ``out``.
-
-    Returns ``(JobResult, QuantizePass, MixedPrecisionResult)``. The profile is also saved under
-    ``out/profile/``. Raises MoeCompressError (one line) for bad options, an infeasible budget or a
-    solver failure, before any output is written."""
-    from moecompress.export.writer import prepare_output
-    from moecompress.jobs import quantize_job
-
-    mp.validate()
-    qcfg.validate()
-    check_budget_feasible(mp, qcfg.group_size, qcfg.symmetric)
-    prepare_output(out, overwrite)
-    profile, reused = load_or_profile(model_folder, stats_dir, qcfg, mp, input_ids, calibration, batch_size, profile_progress)
-    super_experts, source = super_experts_for(profile, stats_dir)
-    plan = plan_allocation(profile, mp, qcfg.group_size, qcfg.symmetric, super_experts)
-    if input_ids is None and qcfg.method != "rtn":
-        raise MoeCompressError("GPTQ needs calibration data; pass --calib or use --method rtn")
-    record = {
-        "budget": mp.budget,
-        "bit_choices": list(mp.bit_choices),
-        "allocation": mp.allocation,
-        "granularity": mp.granularity,
-        "alpha": mp.alpha,
-        "beta": mp.beta,
-        "super_experts": mp.super_experts,
-        "super_expert_source": source,
-        "profile_method": profile.method,
-        **plan.as_json(),
-    }
-    qcfg = replace(qcfg, expert_bits=plan.expert_bits)
-    result, qpass = quantize_job(
-        model_folder, out, qcfg, input_ids, calibration, overwrite=overwrite, batch_size=batch_size,
-        progress=progress, extra={EXTRA_KEY: record},
-    )
-    profile.save(Path(result.out) / "profile")
-    written = checkpoint_budget(result.out)
-    if written > mp.budget + BUDGET_TOL:
-        raise MoeCompressError(f"the written checkpoint uses {written:.6f} bits, over the budget {mp.budget}; this is a bug, report it")
-    _, bits, params, _ = checkpoint_expert_widths(result.out)
-    overall = budget_bits_used(bits, params, qcfg.group_size if qcfg.group_size > 0 else 128, qcfg.symmetric)
-    mp_result = MixedPrecisionResult(profile, plan, reused, written, overall, {"super_expert_source": source})
-    return result, qpass, mp_result
-
-
 # --------------------------------------------------------------------------------------------------
 # Report
 # --------------------------------------------------------------------------------------------------
@@ -399,9 +366,7 @@ def mixed_precision_sections(out: Path, mp: MixedPrecisionConfig, res: MixedPrec
         f"- **allocation**: {mp.allocation}, granularity {mp.granularity}, widths {list(mp.bit_choices)}, "
         f"alpha {mp.alpha:g}, beta {mp.beta:g}; solver status {alloc.status}",
         f"- **objective** (sum of phi^a w^b eps^a over budgeted experts): {alloc.objective:.6g}",
-        f"- **profile**: {prof.method}, {'reused from --stats' if res.profile_reused else 'measured'}"
-        + (f" in {prof.seconds:.1f} s" if prof.seconds is not None else "")
-        + f"; allocation solved in {plan.seconds:.2f} s",
+        f"- **profile**: {prof.method}, {'reused from --stats' if res.profile_reused else 'measured'}",
         f"- **super experts** ({mp.super_experts}, from {res.details.get('super_expert_source', '?')}): "
         + (", ".join(f"layer {s.layer} expert {s.expert} (max |out| {s.max_abs:.4g})" for s in plan.protected) or "none"),
     ]

@@ -272,7 +272,7 @@ class ExpertProfile:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         tensors = {f"layer{i}.{n}": t for i in self.moe_layers for n, t in self.layers[i].tensors().items()}
-        save_file(tensors, str(folder / PROFILE_TENSORS), metadata={"format": "moecompress-profile", "version": str(PROFILE_VERSION)})
+        save_file(tensors, str(folder / PROFILE_TENSORS), metadata={"format": f"moecompress-profile-v{PROFILE_VERSION}"})  # one key: safetensors writes a multi-key metadata map in random order
         (folder / PROFILE_JSON).write_text(json.dumps(self.describe(), indent=1))
         return folder / PROFILE_JSON
 

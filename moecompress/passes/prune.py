@@ -43,6 +43,7 @@ from moecompress.errors import MoeCompressError
 from moecompress.export.standard import resize_experts, routing_groups
 from moecompress.model.driver import LayerContext
 from moecompress.model.view import ExpertsView, MoEBlockView
+from moecompress.validation import check_int
 
 log = logging.getLogger(__name__)
 
@@ -69,14 +70,15 @@ class PruneConfig:
             raise MoeCompressError(f"unknown pruning method {self.method!r}; choose one of {', '.join(METHODS)}")
         if (self.keep_ratio is None) == (self.num_experts is None):
             raise MoeCompressError("give exactly one of --keep-ratio or --num-experts")
-        if self.keep_ratio is not None and not (0.0 < self.keep_ratio <= 1.0):
-            raise MoeCompressError(f"--keep-ratio {self.keep_ratio} is outside (0, 1]; e.g. 0.5 keeps half the experts")
-        if self.num_experts is not None and self.num_experts < 1:
-            raise MoeCompressError(f"--num-experts {self.num_experts} must be at least 1")
-        if not -1.0 <= self.similarity_threshold <= 1.0:
-            raise MoeCompressError(f"--similarity-threshold {self.similarity_threshold} is a cosine; use a value in [-1, 1]")
-        if self.kmeans_iters < 1:
-            raise MoeCompressError(f"k-means iterations must be at least 1, got {self.kmeans_iters}")
+        if self.keep_ratio is not None and not (
+            isinstance(self.keep_ratio, (int, float)) and not isinstance(self.keep_ratio, bool) and 0.0 < self.keep_ratio <= 1.0
+        ):  # also refuses NaN: every comparison with it is False
+            raise MoeCompressError(f"--keep-ratio {self.keep_ratio!r} is outside (0, 1]; e.g. 0.5 keeps half the experts")
+        if self.num_experts is not None:
+            check_int("--num-experts", self.num_experts, 1, expected="at least 1 (an integer: experts kept per layer)")
+        if not (isinstance(self.similarity_threshold, (int, float)) and -1.0 <= self.similarity_threshold <= 1.0):
+            raise MoeCompressError(f"--similarity-threshold {self.similarity_threshold!r} is a cosine; use a value in [-1, 1]")
+        check_int("k-means iterations (kmeans_iters)", self.kmeans_iters, 1)
 
     def target(self, num_experts: int) -> int:
         """Experts kept per layer out of ``num_experts``: ``round(keep_ratio * E)`` (at least 1) or N."""

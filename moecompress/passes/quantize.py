@@ -33,11 +33,14 @@ import torch
 from torch import nn
 
 from moecompress.errors import MoeCompressError
+from moecompress.kernels.moe_gemm import hf_activation
 from moecompress.model.driver import LayerContext
 from moecompress.model.view import ExpertsView, MoEBlockView
 from moecompress.quant.gptq import accumulate_hessian, gptq_quantize, make_empty_hessian
 from moecompress.quant.grid import QuantResult, QuantSpec, rtn
-from moecompress.quant.packed_modules import UNQUANTIZED, ExpertsSpec, PackedExperts, PackedLinear
+from moecompress.quant.format import SUPPORTED_BITS, can_pack
+from moecompress.modules.packed import UNQUANTIZED, ExpertsSpec, PackedExperts, PackedLinear
+from moecompress.validation import check_choice, check_float, check_int
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +71,17 @@ class QuantizeConfig:
             raise MoeCompressError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
         if self.fallback not in FALLBACKS:
             raise MoeCompressError(f"unknown fallback {self.fallback!r}; choose one of {', '.join(FALLBACKS)}")
+        widths = ", ".join(str(b) for b in SUPPORTED_BITS)
+        check_choice("--bits", self.bits, SUPPORTED_BITS, f"one of {widths}")
+        check_int("--group-size", self.group_size, expected="a positive group length or -1 (per-channel)")
+        check_float("--damp", self.damp, 0.0, 1.0, low_open=True, expected="a number in (0, 1] (GPTQ damping, a fraction of the mean Hessian diagonal)")
+        check_float("--min-tokens-fraction", self.min_tokens_fraction, 0.0, 1.0)
+        for option, b in (("--attention-bits", self.attention_bits), ("--shared-expert-bits", self.shared_expert_bits)):
+            if b is not None:
+                check_choice(option, b, (*SUPPORTED_BITS, UNQUANTIZED), f"one of {widths} (or {UNQUANTIZED}: kept dense)")
+        for layer, row in (self.expert_bits or {}).items():
+            for b in row:
+                check_choice(f"the width of an expert of layer {layer}", b, (*SUPPORTED_BITS, UNQUANTIZED))
         QuantSpec(self.bits, self.group_size, self.symmetric)
         for b in (self.attention_bits, self.shared_expert_bits):
             if b is not None and b != UNQUANTIZED:
@@ -212,12 +226,7 @@ def activation_of(experts: ExpertsView, config) -> tuple[str, dict]:
         if hasattr(module, "alpha") and hasattr(module, "limit"):
             return "gpt_oss", {"alpha": float(module.alpha), "limit": float(module.limit)}
         raise MoeCompressError(f"{type(module).__name__} has an activation moecompress cannot pack yet")
-    act = str(getattr(config, "hidden_act", "silu"))
-    if act in ("silu", "swish"):
-        return "silu", {}
-    if act.startswith("gelu"):
-        return "gelu", {}
-    raise MoeCompressError(f"expert activation {act!r} is not supported by the packed kernels")
+    return hf_activation(str(getattr(config, "hidden_act", "silu"))), {}
 
 
 def canonical_expert(experts: ExpertsView, e: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
@@ -281,7 +290,7 @@ class QuantizePass:
             if ".self_attn." in f".{name}." or name.startswith("self_attn") or "attn" in name.split(".")[0]:
                 if self.cfg.attention_bits is not None and self.cfg.attention_bits != UNQUANTIZED:
                     chosen[name] = (module, self.cfg.attention_bits)
-        return {n: v for n, v in chosen.items() if v[0].in_features % 32 == 0}
+        return {n: v for n, v in chosen.items() if can_pack(v[0].in_features)}  # others stay dense
 
     def attach(self, ctx: LayerContext) -> list:
         handles = []

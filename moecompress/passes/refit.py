@@ -29,9 +29,9 @@ import torch
 
 from moecompress.algorithms.refit import dense_routing_weights, refit_down_projections
 from moecompress.calibration.stats import routing_call_args
-from moecompress.errors import MoeCompressError
 from moecompress.model.driver import LayerContext
 from moecompress.model.view import MoEBlockView
+from moecompress.validation import check_float, check_int
 
 log = logging.getLogger(__name__)
 
@@ -45,10 +45,9 @@ class RefitConfig:
     sweeps: int = 2  # block-coordinate-descent sweeps over the layer's experts
 
     def validate(self) -> None:
-        if not self.damp > 0:
-            raise MoeCompressError(f"--refit-damp must be positive, got {self.damp}")
-        if self.sweeps < 1:
-            raise MoeCompressError(f"--refit-sweeps must be at least 1, got {self.sweeps}")
+        check_float("--refit-damp", self.damp, 0.0, low_open=True,
+                    expected="positive and finite (ridge strength relative to the mean Gram diagonal, e.g. 0.1)")
+        check_int("--refit-sweeps", self.sweeps, 1, expected="at least 1 (an integer)")
 
 
 @dataclass

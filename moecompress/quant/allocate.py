@@ -55,11 +55,10 @@ import pulp
 import torch
 
 from moecompress.errors import MoeCompressError
-from moecompress.quant.format import SUPPORTED_BITS
+from moecompress.quant.format import SUPPORTED_BITS, UNQUANTIZED_BITS
 
 logger = logging.getLogger(__name__)
 
-UNQUANTIZED_BITS = 16  # a pinned-unquantized expert (fp16/bf16), no scale/zero overhead
 SCALE_BITS = 16  # one float16 scale per group and output column (format.py)
 ZERO_BITS = 8  # one uint8 zero point per group and output column when asymmetric (format.py)
 BUDGET_TOL = 1e-9  # average bits: the budget holds when used <= budget + BUDGET_TOL
@@ -105,8 +104,8 @@ class AllocationConfig:
             raise MoeCompressError(f"allocation scope must be 'global' or 'layer', got {self.scope!r}")
         if self.granularity not in ("expert", "layer"):
             raise MoeCompressError(f"allocation granularity must be 'expert' or 'layer', got {self.granularity!r}")
-        if self.alpha < 0 or self.beta < 0:
-            raise MoeCompressError(f"alpha and beta must be >= 0, got alpha={self.alpha}, beta={self.beta}")
+        if not all(isinstance(v, (int, float)) and math.isfinite(v) and v >= 0 for v in (self.alpha, self.beta)):
+            raise MoeCompressError(f"alpha and beta must be finite numbers >= 0, got alpha={self.alpha}, beta={self.beta}")
         if self.min_bits is not None and self.max_bits is not None and self.min_bits > self.max_bits:
             raise MoeCompressError(f"min_bits={self.min_bits} is above max_bits={self.max_bits}; swap or drop one")
         if self.group_size <= 0:

@@ -20,6 +20,9 @@ zeros       ``[K // G, N]``               uint8    zero point per (group, column
 
 Dequantization: ``W[n, k] = (q[k, n] - z[k // G, n]) * s[k // G, n]``.
 
+Group sizes (one rule, :func:`group_size_problem`, which every check in moecompress calls): ``G`` divides
+``K``, or ``group_size = -1`` for per-channel (``G = K``); packing also needs ``K`` a multiple of 32.
+
 Bit layout of ``qweight`` (K must be a multiple of 32):
 
 * bits 2, 4, 8: ``32 // bits`` codes per int32; code k sits in row ``k // (32 // bits)`` at bit offset
@@ -41,7 +44,12 @@ from dataclasses import dataclass
 import torch
 
 SUPPORTED_BITS = (2, 3, 4, 8)
+UNQUANTIZED_BITS = 16  # the width recorded for an expert kept in full precision (no codes, no scales)
 PACK_ALIGN = 32  # K must be a multiple of this: one int32 word of 1-bit codes
+PER_CHANNEL = -1  # group_size meaning one group per row (G = K)
+# Group sizes that are multiples of this also run on the Triton kernels (one K step reads one scale
+# row, and tl.dot needs K steps >= 16: moecompress.kernels.launch_utils); preferred in suggestions.
+KERNEL_GROUP_MULTIPLE = 16
 
 
 class PackFormat(str, enum.Enum):
@@ -73,14 +81,72 @@ class PackedWeight:
         return dequantize(self.qweight, self.scales, self.zeros, self.bits, self.group_size, dtype)
 
 
+# --------------------------------------------------------------------------------------------------
+# The group-size rule (every check in moecompress calls group_size_problem)
+# --------------------------------------------------------------------------------------------------
+
+
+def can_pack(k: int) -> bool:
+    """Whether an input dimension K can be packed at all (at any group size)."""
+    return k % PACK_ALIGN == 0
+
+
+def dividing_group_sizes(k: int, near: int | None = None, count: int = 4) -> list[int]:
+    """Up to ``count`` group sizes that divide K, ascending, the ones closest to ``near`` (a wanted size).
+
+    Multiples of :data:`KERNEL_GROUP_MULTIPLE` (which the Triton kernels also run) when K has any, else
+    any divisor above 1, else K itself.
+    """
+    divisors = sorted({d for i in range(1, int(k**0.5) + 1) if k % i == 0 for d in (i, k // i)})
+    pool = [d for d in divisors if d % KERNEL_GROUP_MULTIPLE == 0] or [d for d in divisors if d > 1] or [k]
+    if near is not None and near > 0:
+        pool = sorted(pool, key=lambda d: (abs(d - near) / min(d, near), -d))
+    else:
+        pool = sorted(pool, reverse=True)
+    return sorted(pool[:count])
+
+
+def group_size_problem(k: int | None, group_size, packed: bool = True) -> str | None:
+    """THE group-size rule: None when ``group_size`` is valid for input dimension K, else the reason.
+
+    Valid: ``group_size`` is -1 (:data:`PER_CHANNEL`, one group per row, G = K) or a positive integer
+    that divides K. With ``packed`` (the kpack-v1 format) K must also be a multiple of
+    :data:`PACK_ALIGN`, whatever the group size. ``k=None`` checks only what does not depend on K.
+    The message always names sizes that work for this K (or says that none does).
+    """
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or (group_size <= 0 and group_size != PER_CHANNEL):
+        return f"group_size must be a positive group length or {PER_CHANNEL} (per-channel), got {group_size!r}"
+    if k is None:
+        return None
+    if packed and not can_pack(k):
+        return (
+            f"input dimension {k} is not a multiple of {PACK_ALIGN}, cannot pack it at any group size "
+            f"({PackFormat.KPACK_V1.value} packs codes along K in int32 words)"
+        )
+    if group_size == PER_CHANNEL or k % group_size == 0:
+        return None
+    sizes = dividing_group_sizes(k, near=group_size)
+    listed = ", ".join(str(s) for s in sizes[:-1]) + (" or " if len(sizes) > 1 else "") + str(sizes[-1])
+    return (
+        f"group size {group_size} does not divide the input dimension {k}; use {listed} "
+        f"(dividing {k}) or {PER_CHANNEL} (per-channel)"
+    )
+
+
+def resolve_group_size(k: int, group_size: int, packed: bool = True) -> int:
+    """The group length G used for input dimension K (K itself for per-channel); ValueError when the
+    rule (:func:`group_size_problem`) refuses it."""
+    problem = group_size_problem(k, group_size, packed)
+    if problem is not None:
+        raise ValueError(problem)
+    return k if group_size == PER_CHANNEL else group_size
+
+
 def check_packable(k: int, bits: int, group_size: int) -> None:
     """Raise ValueError with a user-facing message when ``K`` cannot be packed at these settings."""
     if bits not in SUPPORTED_BITS:
         raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {bits}")
-    if k % PACK_ALIGN:
-        raise ValueError(f"input dimension {k} is not a multiple of {PACK_ALIGN}, cannot pack")
-    if group_size <= 0 or k % group_size:
-        raise ValueError(f"group size {group_size} does not divide the input dimension {k}")
+    resolve_group_size(k, group_size, packed=True)
 
 
 def packed_rows(k: int, bits: int) -> int:

@@ -52,10 +52,9 @@ class QuantSpec:
         # K-independent checks fail at construction so a bad config is caught before any work.
         if self.bits not in fmt.SUPPORTED_BITS:
             raise MoeCompressError(f"bits must be one of {fmt.SUPPORTED_BITS}, got {self.bits}; pick a supported width")
-        if self.group_size != -1 and self.group_size <= 0:
-            raise MoeCompressError(
-                f"group_size must be a positive group length or -1 (per-channel), got {self.group_size}"
-            )
+        problem = fmt.group_size_problem(None, self.group_size)
+        if problem is not None:
+            raise MoeCompressError(problem)
 
     @property
     def maxq(self) -> int:
@@ -63,7 +62,7 @@ class QuantSpec:
 
     def resolved_group(self, k: int) -> int:
         """The group length G for an input dimension K (K itself when per-channel)."""
-        return k if self.group_size == -1 else self.group_size
+        return k if self.group_size == fmt.PER_CHANNEL else self.group_size
 
     def groups(self, k: int) -> int:
         """Number of groups K // G per row."""
@@ -72,20 +71,16 @@ class QuantSpec:
     def validate(self, k: int, packable: bool = False) -> None:
         """Raise MoeCompressError when a matrix with K inputs cannot be quantized with this spec.
 
-        Checks bits and that G divides K; with ``packable=True`` also the packed format's rules
-        (K a multiple of 32), i.e. exactly ``format.check_packable``. Call it with ``packable=True``
-        before a long calibration whose result will be packed, so the error comes first.
+        Checks bits and the group-size rule (``format.group_size_problem``: G divides K); with
+        ``packable=True`` also the packed format's rule (K a multiple of 32), i.e. exactly
+        ``format.check_packable``. Call it with ``packable=True`` before a long calibration whose
+        result will be packed, so the error comes first.
         """
-        g = self.resolved_group(k)
-        try:
-            if packable:
-                fmt.check_packable(k, self.bits, g)
-            elif self.bits not in fmt.SUPPORTED_BITS:
-                raise ValueError(f"bits must be one of {fmt.SUPPORTED_BITS}, got {self.bits}")
-            elif g <= 0 or k % g:
-                raise ValueError(f"group size {g} does not divide the input dimension {k}")
-        except ValueError as err:
-            raise MoeCompressError(f"{err}; choose a group size dividing {k} (or -1 for per-channel)") from err
+        if self.bits not in fmt.SUPPORTED_BITS:
+            raise MoeCompressError(f"bits must be one of {fmt.SUPPORTED_BITS}, got {self.bits}")
+        problem = fmt.group_size_problem(k, self.group_size, packed=packable)
+        if problem is not None:
+            raise MoeCompressError(problem)
 
 
 def _split_groups(w: torch.Tensor, g: int) -> torch.Tensor:

@@ -10,7 +10,7 @@ from tokenizer_util import save_tiny_tokenizer
 from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
-from moecompress.calibration.sources import CalibrationSet
+from moecompress.calibration.types import CalibrationSet
 from moecompress.calibration.stats import collect_stats
 from moecompress.cli.main import app
 from moecompress.model.loading import LayerwiseModel
@@ -137,7 +137,7 @@ def test_calibration_without_tokenizer_is_refused(tmp_path):
         (["prune", "{d}", "{o}", "--num-experts", "5", "--stats", "{ds}"], "routing groups"),
         (["merge", "{d}", "{o}", "--num-experts", "3", "--stats", "{ds}"], "routing groups"),
         (["prune", "{m}", "{o}", "--keep-ratio", "0.5", "--stats", "{ds}"], "collect statistics on this model"),
-        (["prune", "{m}", "{o}", "--keep-ratio", "0.5", "--stats", "{o}"], "not found"),
+        (["prune", "{m}", "{o}", "--keep-ratio", "0.5", "--stats", "{o}"], "holds no stats.json"),
         (["prune", "{m}", "{o}", "--keep-ratio", "0.5", "--stats", "{s}", "--eval-data", "{o}.txt"], "is not a file"),
     ],
 )

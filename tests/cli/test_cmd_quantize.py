@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 from moecompress.cli.main import app
 from moecompress.model.tiny import save_tiny_model
 from moecompress.passes.quantize import QuantizePass
-from moecompress.quant.packed_modules import PackedExperts
+from moecompress.modules.packed import PackedExperts
 
 runner = CliRunner()
 
@@ -137,9 +137,9 @@ def test_bad_options_are_one_line_errors_without_partial_output(model_dir, tmp_p
 
 
 def test_quantized_and_exact_merged_sources_are_refused_where_unreadable(bare_model_dir, tmp_path):
-    from moecompress.calibration.sources import CalibrationSet
+    from moecompress.calibration.types import CalibrationSet
     from moecompress.calibration.stats import collect_stats
-    from moecompress.jobs_experts import StatsSource, merge_job
+    from moecompress.api.experts import StatsSource, merge_job
     from moecompress.model.loading import LayerwiseModel
     from moecompress.passes.merge import MergeConfig
 
@@ -211,7 +211,7 @@ def test_sigterm_part_way_leaves_no_out_and_no_staging_folder(model_dir, tmp_pat
     )
     try:
         deadline = time.time() + 120
-        while not list(tmp_path.glob(".out.tmp-*/layer-00000.safetensors")):
+        while not list(tmp_path.glob(".out.moecompress-stage-*/layer-00000.safetensors")):
             assert child.poll() is None, child.communicate()[1].decode()[-2000:]
             assert time.time() < deadline, "the child never wrote layer 0"
             time.sleep(0.05)

@@ -69,7 +69,7 @@ def test_example_pipeline_runs_on_tiny_model(example, tiny, tmp_path):
     result = runner.invoke(app, ["run", str(write(tmp_path, doc))])
     assert result.exit_code == 0, result.output
     assert (out / "config.json").exists() and (out / "report.md").exists() and (out / "pipeline.yaml").exists()
-    assert not list(tmp_path.glob(".out.tmp-*")), "staging folder left behind"
+    assert not list(tmp_path.glob(".out.moecompress-stage-*")), "staging folder left behind"
 
 
 BAD_CASES = {
@@ -126,12 +126,12 @@ def test_killed_run_leaves_no_output_and_rerun_completes(tiny, tmp_path):
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, "TRITON_INTERPRET": "0"})
     deadline = time.time() + 120
     # Kill it once it is working (its staging folder exists), before it finishes.
-    while time.time() < deadline and not list(tmp_path.glob(".out.tmp-*")) and proc.poll() is None:
+    while time.time() < deadline and not list(tmp_path.glob(".out.moecompress-stage-*")) and proc.poll() is None:
         time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)
     proc.wait(timeout=60)
     assert not out.exists()
-    assert not list(tmp_path.glob(".out.tmp-*")), "staging folder left behind after SIGTERM"
+    assert not list(tmp_path.glob(".out.moecompress-stage-*")), "staging folder left behind after SIGTERM"
     result = runner.invoke(app, ["run", str(path)])
     assert result.exit_code == 0, result.output
     assert (out / "config.json").exists()

@@ -14,7 +14,7 @@ from safetensors import safe_open
 import moecompress  # noqa: F401
 from moecompress.errors import MoeCompressError
 from moecompress.export.compressed_tensors import convert_native_to_compressed_tensors, repack_projection
-from moecompress.jobs import quantize_job
+from moecompress.api.quantize import quantize_job
 from moecompress.model.tiny import save_tiny_model
 from moecompress.passes.quantize import QuantizeConfig
 from moecompress.quant import format as fmt

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from moecompress.cli import cmd_lint
 from moecompress.export.compressed_tensors import convert_native_to_compressed_tensors
 from moecompress.export.lint import RULES, lint_checkpoint
-from moecompress.jobs import quantize_job
+from moecompress.api.quantize import quantize_job
 from moecompress.model.tiny import save_tiny_model
 from moecompress.passes.quantize import QuantizeConfig
 

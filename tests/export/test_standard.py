@@ -12,7 +12,7 @@ import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
-from moecompress.calibration.sources import CalibrationSet
+from moecompress.calibration.types import CalibrationSet
 from moecompress.calibration.stats import collect_stats
 from moecompress.errors import MoeCompressError
 from moecompress.export.standard import (
@@ -22,7 +22,7 @@ from moecompress.export.standard import (
     read_kept_experts,
     with_expert_count,
 )
-from moecompress.jobs_experts import StatsSource, merge_job, prune_job
+from moecompress.api.experts import StatsSource, merge_job, prune_job
 from moecompress.model.loading import LayerwiseModel
 from moecompress.model.tiny import TINY_CONFIGS, save_tiny_model, tiny_config
 from moecompress.model.view import describe_model

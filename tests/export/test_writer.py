@@ -1,7 +1,8 @@
 """Checkpoint writing: original tensor names, index and config, and no partial output ever.
 
 A layer-by-layer copy of a model (no pass) must load with ``from_pretrained`` and equal the source;
-a run that fails or is interrupted part-way leaves neither OUT nor its staging folder.
+a run that fails or is interrupted part-way leaves neither OUT nor its staging folder (the output
+contract itself is tested in tests/api/test_output.py).
 """
 
 from __future__ import annotations
@@ -15,8 +16,8 @@ from transformers import AutoModelForCausalLM
 
 import moecompress  # noqa: F401
 from moecompress.errors import MoeCompressError
-from moecompress.export.writer import CheckpointWriter, StagingFolder, outer_state, prepare_output
-from moecompress.jobs import quantize_job
+from moecompress.export.writer import CheckpointWriter, outer_state
+from moecompress.api.quantize import quantize_job
 from moecompress.model.driver import run_layerwise
 from moecompress.model.loading import LayerwiseModel
 from moecompress.model.tiny import save_tiny_model
@@ -42,57 +43,6 @@ def keys_of(folder) -> set[str]:
 
 def leftovers(parent) -> list[str]:
     return sorted(p.name for p in parent.iterdir())
-
-
-# --------------------------------------------------------------------------------------------------
-# prepare_output / StagingFolder
-# --------------------------------------------------------------------------------------------------
-
-
-def test_prepare_output_refuses_existing_paths_without_overwrite(tmp_path):
-    (tmp_path / "taken").mkdir()
-    with pytest.raises(MoeCompressError, match="--overwrite"):
-        prepare_output(tmp_path / "taken", overwrite=False)
-    assert prepare_output(tmp_path / "taken", overwrite=True) == tmp_path / "taken"
-    (tmp_path / "file").write_text("x")
-    with pytest.raises(MoeCompressError, match="not a folder"):
-        prepare_output(tmp_path / "file", overwrite=True)
-    prepare_output(tmp_path / "new" / "deeper" / "out", overwrite=False)
-    assert (tmp_path / "new" / "deeper").is_dir() and not (tmp_path / "new" / "deeper" / "out").exists()
-
-
-def test_staging_folder_appears_only_on_commit(tmp_path):
-    out = tmp_path / "out"
-    with StagingFolder(out) as stage:
-        assert stage.path.parent == tmp_path and stage.path.name.startswith(".out.tmp-")
-        (stage.path / "a.txt").write_text("a")
-        assert not out.exists()
-        assert stage.commit() == out
-    assert (out / "a.txt").read_text() == "a"
-    assert leftovers(tmp_path) == ["out"]
-
-
-@pytest.mark.parametrize("error", [RuntimeError("boom"), KeyboardInterrupt()])
-def test_staging_folder_is_removed_on_failure_and_an_existing_out_is_kept(tmp_path, error):
-    out = tmp_path / "out"
-    out.mkdir()
-    (out / "old.txt").write_text("old")
-    with pytest.raises(type(error)):
-        with StagingFolder(out, overwrite=True) as stage:
-            (stage.path / "half.safetensors").write_bytes(b"x")
-            raise error
-    assert leftovers(tmp_path) == ["out"]
-    assert leftovers(out) == ["old.txt"], "the previous OUT survives a failed --overwrite run"
-
-
-def test_commit_with_overwrite_replaces_out(tmp_path):
-    out = tmp_path / "out"
-    out.mkdir()
-    (out / "old.txt").write_text("old")
-    with StagingFolder(out, overwrite=True) as stage:
-        (stage.path / "new.txt").write_text("new")
-        stage.commit()
-    assert leftovers(out) == ["new.txt"] and leftovers(tmp_path) == ["out"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -174,7 +124,7 @@ def test_a_quantize_job_interrupted_part_way_leaves_no_out_and_no_staging_folder
 
     def process_then_fail(self, ctx):
         if ctx.index == 1:
-            written.extend(p.name for p in tmp_path.glob(".out.tmp-*/*"))
+            written.extend(p.name for p in tmp_path.glob(".out.moecompress-stage-*/*"))
             raise error("stopped part-way")
         return original(self, ctx)
 

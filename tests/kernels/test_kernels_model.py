@@ -8,10 +8,10 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import moecompress  # noqa: F401  (registers the quantizer)
-from moecompress.jobs import quantize_job
+from moecompress.api.quantize import quantize_job
 from moecompress.model.tiny import save_tiny_model
 from moecompress.passes.quantize import QuantizeConfig
-from moecompress.quant.packed_modules import PackedExperts
+from moecompress.modules.packed import PackedExperts
 
 
 @pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss"])

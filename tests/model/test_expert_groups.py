@@ -12,11 +12,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from moecompress.calibration.sources import CalibrationSet
+from moecompress.calibration.types import CalibrationSet
 from moecompress.calibration.stats import collect_stats
 from moecompress.errors import MoeCompressError
 from moecompress.evaluate import folder_bytes
-from moecompress.jobs_experts import StatsSource, merge_job, prune_job
+from moecompress.api.experts import StatsSource, merge_job, prune_job
 from moecompress.model.expert_groups import (
     _map_routing_to_groups,
     check_expert_to_group,
@@ -176,7 +176,7 @@ def test_exact_merge_reloads_identically_in_a_fresh_process(merged):
 
 @torch.no_grad()
 def test_quantizing_an_exact_merge_keeps_the_map(merged, tmp_path):
-    from moecompress.jobs import quantize_job
+    from moecompress.api.quantize import quantize_job
     from moecompress.passes.quantize import QuantizeConfig
 
     root, counts = merged
@@ -204,8 +204,9 @@ def test_inspect_counts_stored_experts_and_names_the_router_outputs(merged):
 
 
 def test_commands_that_cannot_read_an_exact_merge_refuse_it(merged, tmp_path):
-    from moecompress.jobs_experts import StatsSource
-    from moecompress.passes.compressed_experts import CompressExpertsConfig, compress_experts_job
+    from moecompress.api.experts import StatsSource
+    from moecompress.api.compress_experts import compress_experts_job
+    from moecompress.passes.compressed_experts import CompressExpertsConfig
 
     root, _ = merged
     folder = root / "qwen3_moe-exact"

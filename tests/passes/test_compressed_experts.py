@@ -16,23 +16,23 @@ from transformers import AutoModelForCausalLM
 
 import moecompress  # noqa: F401  (registers the quantizer)
 from moecompress.errors import MoeCompressError
-from moecompress.jobs import quantize_job
+from moecompress.api.quantize import quantize_job
 from moecompress.model.tiny import TINY_CONFIGS, build_tiny_model, save_tiny_model
 from moecompress.model.view import describe_model
-from moecompress.passes.compressed_experts import (
+from moecompress.modules.compressed_experts import (
     CompressedExpertsBlock,
-    CompressExpertsConfig,
     aux_scaling,
-    compress_experts_job,
     expert_output,
     expert_source,
     intermediate_scale,
     wrap_block,
     wrap_model,
 )
-from moecompress.passes.dynamic_skip import sort_by_weight
+from moecompress.api.compress_experts import compress_experts_job
+from moecompress.passes.compressed_experts import CompressExpertsConfig
+from moecompress.algorithms.dynamic_skip import sort_by_weight
 from moecompress.passes.quantize import QuantizeConfig
-from moecompress.quant.packed_modules import PackedExperts
+from moecompress.modules.packed import PackedExperts
 
 FAMILIES = list(TINY_CONFIGS)
 

@@ -12,7 +12,8 @@ from moecompress.errors import MoeCompressError
 from moecompress.model.tiny import build_tiny_model
 from moecompress.model.view import describe_model
 from moecompress.passes import distill_ces
-from moecompress.passes.compressed_experts import CompressExpertsConfig, compress_experts_job
+from moecompress.api.compress_experts import compress_experts_job
+from moecompress.passes.compressed_experts import CompressExpertsConfig
 from moecompress.passes.distill_ces import adam_steps, coarse_kl, split_sequences, teacher_targets
 
 

@@ -12,8 +12,8 @@ import torch
 
 from moecompress.model.tiny import build_tiny_model
 from moecompress.model.view import describe_model
-from moecompress.passes.compressed_experts import wrap_block, wrap_model
-from moecompress.passes.dynamic_skip import (
+from moecompress.modules.compressed_experts import wrap_block, wrap_model
+from moecompress.algorithms.dynamic_skip import (
     SkipStats,
     calibrate_beta,
     calibrate_protect_threshold,

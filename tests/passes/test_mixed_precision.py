@@ -15,12 +15,8 @@ import moecompress  # noqa: F401  (registers the quantizer for from_pretrained)
 from moecompress.errors import MoeCompressError
 from moecompress.model.tiny import build_tiny_model, save_tiny_model
 from moecompress.model.view import describe_model
-from moecompress.passes.mixed_precision import (
-    MixedPrecisionConfig,
-    checkpoint_budget,
-    checkpoint_expert_widths,
-    mixed_precision_job,
-)
+from moecompress.api.quantize import mixed_precision_job
+from moecompress.passes.mixed_precision import MixedPrecisionConfig, checkpoint_budget, checkpoint_expert_widths
 from moecompress.passes.quantize import QuantizeConfig
 from moecompress.quant.allocate import BUDGET_TOL
 
@@ -144,7 +140,7 @@ def test_statistics_of_another_model_are_refused(planted, planted_stats, tmp_pat
     """Super experts name expert ids: statistics collected before pruning or merging name other ones."""
     import shutil
 
-    from moecompress.calibration.sources import CalibrationSet
+    from moecompress.calibration.types import CalibrationSet
     from moecompress.calibration.stats import collect_stats
     from moecompress.model.loading import LayerwiseModel
 

@@ -8,10 +8,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from moecompress.calibration.sources import CalibrationSet
+from moecompress.calibration.types import CalibrationSet
 from moecompress.calibration.stats import collect_stats
 from moecompress.errors import MoeCompressError
-from moecompress.jobs_experts import StatsSource, merge_job, prune_job
+from moecompress.api.experts import StatsSource, merge_job, prune_job
 from moecompress.model.loading import LayerwiseModel
 from moecompress.model.tiny import build_tiny_model, save_tiny_model
 from moecompress.model.view import describe_model

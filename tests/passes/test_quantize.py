@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM
 
 import moecompress  # noqa: F401  (registers quant_method "moecompress")
 from moecompress.errors import MoeCompressError
-from moecompress.jobs import quantize_job
+from moecompress.api.quantize import quantize_job
 from moecompress.model.driver import run_layerwise
 from moecompress.model.loading import LayerwiseModel
 from moecompress.model.tiny import build_tiny_model, save_tiny_model
@@ -24,7 +24,7 @@ from moecompress.passes.quantize import (
     expert_method,
     expert_tokens,
 )
-from moecompress.quant.packed_modules import PackedExperts, PackedLinear
+from moecompress.modules.packed import PackedExperts, PackedLinear
 
 
 @pytest.fixture(autouse=True, scope="module")

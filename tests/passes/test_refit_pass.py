@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moecompress.calibration.sources import CalibrationSet
+from moecompress.calibration.types import CalibrationSet
 from moecompress.calibration.stats import collect_stats
 from moecompress.errors import MoeCompressError
-from moecompress.jobs_experts import StatsSource, merge_job
+from moecompress.api.experts import StatsSource, merge_job
 from moecompress.model.driver import run_layerwise
 from moecompress.model.loading import LayerwiseModel
 from moecompress.model.tiny import save_tiny_model
@@ -107,7 +107,7 @@ FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "gpt_os
 def test_prune_and_merge_with_refit_on_model_samples_for_every_family(family, tmp_path):
     """The refit reads whatever routing the family applies (sigmoid + groups, sparsemixer, biases);
     ``--calib sample`` needs no tokenizer, so the tiny models calibrate on their own samples."""
-    from moecompress.jobs_experts import prune_job
+    from moecompress.api.experts import prune_job
     from moecompress.model.tiny import TINY_CONFIGS
     from transformers import AutoModelForCausalLM
 

@@ -81,3 +81,50 @@ def test_check_packable_rejects_bad_shapes():
         fmt.check_packable(48, 4, 16)
     with pytest.raises(ValueError, match="does not divide"):
         fmt.check_packable(64, 4, 48)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The one group-size rule
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _suggested(message: str) -> list[int]:
+    """The group sizes a refusal suggests: the numbers between 'use' and '(dividing'."""
+    import re
+
+    return [int(n) for n in re.findall(r"\d+", message.split("; use ", 1)[1].split("(dividing", 1)[0])]
+
+
+@pytest.mark.parametrize("k", [48, 64, 96, 100, 128, 192, 704, 1408, 2880, 5120])
+@pytest.mark.parametrize("group", [1, 16, 32, 48, 64, 100, 128, 256, 1024, -1])
+def test_group_size_rule_is_divisibility_and_its_advice_is_satisfiable(k, group):
+    problem = fmt.group_size_problem(k, group, packed=False)
+    valid = group == -1 or k % group == 0
+    assert (problem is None) == valid
+    if problem is not None:
+        sizes = _suggested(problem)
+        assert sizes and all(k % s == 0 for s in sizes), problem  # every suggestion works for this K
+        assert all(fmt.group_size_problem(k, s, packed=False) is None for s in sizes)
+        assert "-1 (per-channel)" in problem
+    if valid:
+        assert fmt.resolve_group_size(k, group, packed=False) == (k if group == -1 else group)
+
+
+def test_group_size_rule_for_48_never_suggests_32():
+    problem = fmt.group_size_problem(48, 32, packed=False)
+    assert problem.startswith("group size 32 does not divide the input dimension 48")
+    assert _suggested(problem) == [16, 48]
+
+
+def test_packing_a_dimension_no_group_size_can_fix_says_so():
+    problem = fmt.group_size_problem(48, 16)  # packed: K must be a multiple of 32, whatever G
+    assert "cannot pack it at any group size" in problem and "use" not in problem
+    assert fmt.group_size_problem(48, 16, packed=False) is None
+    with pytest.raises(ValueError, match="multiple of 32"):
+        fmt.resolve_group_size(48, -1)
+
+
+@pytest.mark.parametrize("bad", [0, -2, 1.5, True, None])
+def test_group_size_rule_refuses_non_lengths_whatever_k(bad):
+    for k in (None, 64):
+        assert "group_size must be a positive group length or -1" in fmt.group_size_problem(k, bad)

@@ -16,14 +16,15 @@ from transformers import AutoModelForCausalLM
 
 import moecompress  # noqa: F401  (registers quant_method "moecompress")
 from moecompress.evaluate import model_memory_bytes
-from moecompress.jobs import quantize_job
+from moecompress.api.quantize import quantize_job
 from moecompress.model.driver import run_layerwise
 from moecompress.model.loading import LayerwiseModel
 from moecompress.model.tiny import TINY_CONFIGS, save_tiny_model
 from moecompress.model.view import describe_model
 from moecompress.passes.quantize import QuantizeConfig, QuantizePass
-from moecompress.quant.hf_integration import QUANT_METHOD, MoeCompressConfig, build_packed_module
-from moecompress.quant.packed_modules import UNQUANTIZED, ExpertsSpec, PackedExperts, PackedLinear
+from moecompress.modules.hf_quantizer import build_packed_module
+from moecompress.quant.hf_integration import QUANT_METHOD, MoeCompressConfig
+from moecompress.modules.packed import UNQUANTIZED, ExpertsSpec, PackedExperts, PackedLinear
 
 FAMILIES = list(TINY_CONFIGS)
 CFG = QuantizeConfig(bits=4, group_size=32)

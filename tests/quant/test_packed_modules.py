@@ -15,7 +15,7 @@ from moecompress.model.tiny import build_tiny_model
 from moecompress.model.view import describe_model
 from moecompress.passes.quantize import QuantizePass, activation_of, canonical_expert
 from moecompress.quant.grid import QuantSpec, rtn
-from moecompress.quant.packed_modules import UNQUANTIZED, ExpertsSpec, PackedExperts, PackedLinear
+from moecompress.modules.packed import UNQUANTIZED, ExpertsSpec, PackedExperts, PackedLinear
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -125,7 +125,11 @@ def test_packed_experts_buffers_follow_the_format(symmetric):
 def test_experts_spec_json_round_trip_and_group_for():
     spec = ExpertsSpec(4, 64, 32, (4, 4, 3, 16), 128, False, True, True, "gpt_oss", (("alpha", 1.702), ("limit", 7.0)))
     assert ExpertsSpec.from_json(spec.as_json()) == spec
-    assert spec.group_for(64) == 64 and spec.group_for(256) == 128
+    assert spec.group_for(256) == 128 and spec.group_for(128) == 128
+    # The one group-size rule (format.group_size_problem): a group longer than the row is refused with
+    # sizes that do divide it, never silently read as per-channel.
+    with pytest.raises(ValueError, match=r"group size 128 does not divide the input dimension 64; use 16, 32 or 64"):
+        spec.group_for(64)
     assert ExpertsSpec(4, 64, 32, (4,) * 4, -1, True).group_for(32) == 32
 
 

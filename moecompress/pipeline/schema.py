@@ -11,31 +11,33 @@ export: {format: native, output: out/model, overwrite: false}
 eval: {data: [held_out.txt], seqlen: 256, max_tokens: 40000}
 ```
 
-Every pass is a CLI command and its fields are that command's options with underscores
-(``bits_budget`` for ``--bits-budget``): the schema is read from the command's own signature, so the
-YAML and the CLI cannot drift apart, and each single command is a one-pass pipeline (``--save-pipeline``
-writes it). The whole file is validated before any work starts: unknown keys, wrong types, missing
-model, duplicate keys and impossible orders are reported with file, line and the allowed values.
+Every pass is a library job (:mod:`moecompress.api`) and its fields are the fields of that job's
+options dataclass -- the command line's options with underscores (``bits_budget`` for
+``--bits-budget``). The CLI builds the same dataclasses, so YAML, CLI and Python cannot drift apart
+(a test compares the CLI signatures with the dataclasses). The whole file is validated before any
+work starts: unknown keys, wrong types, bad values, missing model, duplicate keys and impossible
+orders are reported with file, line and the allowed values.
 
-Execution: passes run in order, each reading the previous pass's output checkpoint from a staging
-folder beside the export path; statistics from a ``stats`` pass are handed to later passes (their
-``stats`` option) until a pass changes the set of experts. Each pass is itself a layer-by-layer sweep.
-The finished model is renamed to ``export.output`` only when every pass succeeded.
+Execution is :mod:`moecompress.pipeline.run`.
 """
 
 from __future__ import annotations
 
-import inspect
+import dataclasses
 import json
-import shutil
-import time
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
-import typer
 import yaml
 
+from moecompress.api.compress_experts import CompressExpertsJob, CompressExpertsOptions
+from moecompress.api.merge import MergeOptions
+from moecompress.api.prune import PruneOptions
+from moecompress.api.quantize import QuantizeJob, QuantizeOptions
+from moecompress.api.stats import StatsJob, StatsOptions
 from moecompress.errors import MoeCompressError
 
 TOP_KEYS = ("model", "calibration", "passes", "export", "eval")
@@ -43,8 +45,6 @@ CALIBRATION_KEYS = {"source": str, "nsamples": int, "seqlen": int, "seed": int}
 EXPORT_KEYS = {"format": str, "output": str, "overwrite": bool}
 EVAL_KEYS = {"data": list, "seqlen": int, "max_tokens": int}
 EXPORT_FORMATS = ("native", "compressed-tensors", "hf")
-# Options that the pipeline itself supplies to every pass.
-RUNNER_OWNED = ("model", "out", "overwrite", "as_json", "save_pipeline")
 CALIBRATION_FIELDS = {"source": "calib", "nsamples": "nsamples", "seqlen": "seqlen", "seed": "seed"}
 # Passes whose output has a different set of experts than their input: statistics gathered before
 # them no longer describe the model, and nothing may prune a quantized (packed) model.
@@ -57,29 +57,28 @@ class PipelineError(MoeCompressError):
 
 
 # --------------------------------------------------------------------------------------------------
-# The pass registry: CLI commands -> YAML pass names and field schemas
+# The pass registry: YAML pass name -> options dataclass and job
 # --------------------------------------------------------------------------------------------------
 
 
-@dataclass
+@dataclass(frozen=True)
 class PassSchema:
     name: str  # YAML name (underscores)
     command: str  # CLI name
-    func: typing.Callable
-    fields: dict[str, tuple[type, object]]  # field -> (type, default); default ... = required
-    produces_model: bool
+    options: type  # the options dataclass
+    make_job: Callable  # (model folder, options) -> a Job (moecompress.api.job)
+    produces_model: bool = True
 
-
-def _option_default(param: inspect.Parameter):
-    d = param.default
-    if isinstance(d, (typer.models.OptionInfo, typer.models.ArgumentInfo)):
-        return d.default
-    return d
+    @property
+    def fields(self) -> dict[str, tuple[type, object]]:
+        """field -> (YAML scalar type, default)."""
+        hints = typing.get_type_hints(self.options)
+        return {f.name: (_base_type(hints[f.name]), f.default) for f in dataclasses.fields(self.options)}
 
 
 def _base_type(annotation) -> type:
     origin = typing.get_origin(annotation)
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+    if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(annotation) if a is not type(None)]
         return _base_type(args[0]) if args else str
     if annotation is Path:
@@ -87,22 +86,17 @@ def _base_type(annotation) -> type:
     return annotation if isinstance(annotation, type) else str
 
 
-def pass_schemas(app: typer.Typer) -> dict[str, PassSchema]:
-    schemas = {}
-    for info in app.registered_commands:
-        name = info.name or info.callback.__name__
-        if name in ("run", "inspect", "eval", "demo", "lint"):
-            continue
-        func = inspect.unwrap(info.callback)
-        hints = typing.get_type_hints(func)
-        fields = {}
-        for pname, param in inspect.signature(func).parameters.items():
-            if pname in RUNNER_OWNED:
-                continue
-            fields[pname] = (_base_type(hints.get(pname, str)), _option_default(param))
-        produces = "out" in inspect.signature(func).parameters
-        schemas[name.replace("-", "_")] = PassSchema(name.replace("-", "_"), name, info.callback, fields, produces)
-    return schemas
+PASSES: dict[str, PassSchema] = {
+    "stats": PassSchema("stats", "stats", StatsOptions, StatsJob, produces_model=False),
+    "quantize": PassSchema("quantize", "quantize", QuantizeOptions, QuantizeJob),
+    "prune": PassSchema("prune", "prune", PruneOptions, lambda model, o: o.job(model)),
+    "merge": PassSchema("merge", "merge", MergeOptions, lambda model, o: o.job(model)),
+    "compress_experts": PassSchema("compress_experts", "compress-experts", CompressExpertsOptions, CompressExpertsJob),
+}
+
+
+def pass_schemas(_app=None) -> dict[str, PassSchema]:
+    return dict(PASSES)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -249,7 +243,7 @@ def _load_passes(path: Path, node, schemas: dict[str, PassSchema]) -> list[PassS
         schema = schemas[k.value]
         fields = {}
         for fk, fv in _mapping(path, v, f"pass {k.value}"):
-            if fk.value in RUNNER_OWNED or fk.value not in schema.fields:
+            if fk.value not in schema.fields:
                 raise _err(path, fk, f"unknown field {fk.value!r} for pass {k.value}; allowed: {', '.join(schema.fields)}")
             fields[fk.value] = _scalar(path, fv, schema.fields[fk.value][0], f"{k.value}.{fk.value}")
         steps.append(PassStep(k.value, fields, k.start_mark.line + 1))
@@ -271,7 +265,7 @@ def _check_order(p: Pipeline, node) -> None:
     if p.export["format"] == "compressed-tensors" and packed_at is None:
         raise PipelineError(f"{p.path}: export.format compressed-tensors needs a quantize pass")
     _check_expert_groups(p)
-    if not any(PASSES_PRODUCING_MODELS.get(s.name, True) for s in p.passes):
+    if not any(PASSES[s.name].produces_model for s in p.passes):
         raise PipelineError(f"{p.path}: no pass writes a model to export")
 
 
@@ -298,177 +292,26 @@ def _check_expert_groups(p: Pipeline) -> None:
         )
 
 
-PASSES_PRODUCING_MODELS = {"stats": False}
-
-
-# --------------------------------------------------------------------------------------------------
-# Execution
-# --------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class StepRecord:
-    name: str
-    seconds: float
-    output: str
-    output_bytes: int
-
-
-def _folder_bytes(folder: Path) -> int:
-    return sum(f.stat().st_size for f in folder.glob("*.safetensors")) if folder.is_dir() else 0
-
-
-def _call_pass(schema: PassSchema, fields: dict, model: str, out: Path | None, extra: dict) -> None:
-    func = inspect.unwrap(schema.func)
-    params = inspect.signature(func).parameters
-    kwargs = {}
-    for name, param in params.items():
-        if name == "model":
-            kwargs[name] = Path(model)
-        elif name == "out":
-            kwargs[name] = out
-        elif name == "overwrite":
-            kwargs[name] = True
-        elif name in ("as_json", "save_pipeline"):
-            kwargs[name] = False if name == "as_json" else None
-        elif name in fields:
-            kwargs[name] = fields[name]
-        elif name in extra:
-            kwargs[name] = extra[name]
-        else:
-            default = _option_default(param)
-            if default is ...:
-                raise PipelineError(f"pass {schema.name} needs field {name!r}")
-            kwargs[name] = default
-    for name, (typ, _d) in schema.fields.items():
-        if typ is str and isinstance(kwargs.get(name), str) and name in ("stats",) and kwargs[name]:
-            kwargs[name] = Path(kwargs[name])
-    func(**kwargs)
-
-
-class _quiet_console:
-    """Silence a pass command's own console lines (paths inside the staging folder mean nothing
-    to the user); the pipeline prints its own progress and copies each pass's report."""
-
-    def __enter__(self):
-        from moecompress.cli.common import console
-
-        self.console, self.was = console, console.quiet
-        console.quiet = True
-
-    def __exit__(self, *exc):
-        self.console.quiet = self.was
-
-
-def run_pipeline(p: Pipeline, schemas: dict[str, PassSchema], dry_run: bool = False, echo=print) -> dict:
-    """Run every pass; returns a summary (also written to OUT/report.md)."""
-    from moecompress.evaluate import evaluate
-    from moecompress.export.writer import StagingFolder, prepare_output
-    from moecompress.model.loading import read_config
-
-    read_config(p.model)
-    out = prepare_output(p.export["output"], p.export["overwrite"])
-    calib_extra = {CALIBRATION_FIELDS[k]: v for k, v in p.calibration.items()}
-    if p.export["format"] == "compressed-tensors":
-        for step in p.passes:
-            if step.name == "quantize":
-                step.fields.setdefault("format", "compressed-tensors")
-    if dry_run:
-        for i, step in enumerate(p.passes, 1):
-            echo(f"{i}. {step.name} {json.dumps(step.fields)}")
-        echo(f"export -> {out} ({p.export['format']})")
-        return {"dry_run": True, "passes": [s.name for s in p.passes]}
-    records: list[StepRecord] = []
-    start = time.time()
-    with StagingFolder(out, p.export["overwrite"]) as stage:
-        work = stage.path / "work"
-        work.mkdir()
-        current, stats_dir = p.model, None
-        for i, step in enumerate(p.passes, 1):
-            schema = schemas[step.name]
-            target = work / f"step{i}_{step.name}"
-            extra = dict(calib_extra)
-            if stats_dir is not None and "stats" in schema.fields and "stats" not in step.fields:
-                extra["stats"] = Path(stats_dir)
-            echo(f"[{i}/{len(p.passes)}] {step.name}")
-            t0 = time.time()
-            with _quiet_console():
-                _call_pass(schema, step.fields, current, target, extra)
-            records.append(StepRecord(step.name, time.time() - t0, str(target), _folder_bytes(target)))
-            if step.name == "stats":
-                stats_dir = target
-                continue
-            if step.name in CHANGES_EXPERTS:
-                stats_dir = None
-            current = str(target)
-        final = Path(current)
-        model_dir = stage.path / "model"
-        shutil.move(str(final), model_dir)
-        for r in records:  # keep each pass's own report (and its figures) beside the model
-            src = Path(r.output)
-            files = [f for f in src.glob("*") if f.suffix in (".md", ".png", ".json") and f.name not in ("config.json", "generation_config.json", "tokenizer_config.json", "model.safetensors.index.json", "tokenizer.json", "special_tokens_map.json")]
-            if files:
-                dest = stage.path / "reports" / src.name
-                dest.mkdir(parents=True, exist_ok=True)
-                for f in files:
-                    shutil.copy2(f, dest / f.name)
-        for item in model_dir.iterdir():
-            shutil.move(str(item), stage.path / item.name)
-        model_dir.rmdir()
-        shutil.rmtree(work)
-        evals = []
-        if p.eval:
-            for data in p.eval.get("data", []):
-                kw = {"seqlen": p.eval.get("seqlen", 256), "max_tokens": p.eval.get("max_tokens")}
-                before = evaluate(p.model, data, **kw)
-                after = evaluate(stage.path, data, **kw)
-                evals.append({"data": str(data), "ppl_before": before.ppl, "ppl_after": after.ppl, "tokens": after.tokens})
-        summary = {
-            "model": p.model,
-            "output": str(out),
-            "seconds": round(time.time() - start, 2),
-            "input_bytes": _folder_bytes(Path(p.model)),
-            "output_bytes": _folder_bytes(stage.path),
-            "passes": [r.__dict__ | {"output": None} for r in records],
-            "eval": evals,
-        }
-        (stage.path / "pipeline.yaml").write_text(yaml.safe_dump(p.resolved(), sort_keys=False))
-        write_pipeline_report(stage.path / "report.md", p, summary)
-        stage.commit()
-    return summary
-
-
-def write_pipeline_report(path: Path, p: Pipeline, summary: dict) -> None:
-    lines = ["# moecompress pipeline report", "", f"- **pipeline**: `{p.path}` (resolved copy: `pipeline.yaml`)", f"- **model**: `{p.model}`",
-             f"- **output**: `{summary['output']}` ({p.export['format']})",
-             f"- **size**: {summary['input_bytes'] / 2**20:.2f} MiB -> {summary['output_bytes'] / 2**20:.2f} MiB", f"- **time**: {summary['seconds']} s", "",
-             "## Passes", "", "| # | pass | fields | seconds | output size (MiB) | report |", "|---|---|---|---|---|---|"]
-    for i, (step, rec) in enumerate(zip(p.passes, summary["passes"]), 1):
-        lines.append(f"| {i} | {step.name} | `{json.dumps(step.fields)}` | {rec['seconds']:.1f} | {rec['output_bytes'] / 2**20:.2f} | `reports/step{i}_{step.name}/report.md` |")
-    if summary["eval"]:
-        lines += ["", "## Perplexity", "", "| data | before | after | change |", "|---|---|---|---|"]
-        for e in summary["eval"]:
-            lines.append(f"| `{e['data']}` | {e['ppl_before']:.4f} | {e['ppl_after']:.4f} | {100 * (e['ppl_after'] / e['ppl_before'] - 1):+.2f}% |")
-    path.write_text("\n".join(lines) + "\n")
-
-
-def single_pass_pipeline(command: str, params: dict, model: str, out: str, overwrite: bool, schemas: dict[str, PassSchema]) -> dict:
-    """The one-pass pipeline a single command ran (for --save-pipeline)."""
+def single_pass_pipeline(command: str, options, model: Path, out: Path, overwrite: bool) -> dict:
+    """The one-pass pipeline a single command ran (``--save-pipeline``): its non-default options."""
     name = command.replace("-", "_")
-    schema = schemas[name]
-    fields = {}
-    calibration = {}
     inverse = {v: k for k, v in CALIBRATION_FIELDS.items()}
-    for k, v in params.items():
-        if k in RUNNER_OWNED or k not in schema.fields or v == schema.fields[k][1]:
+    fields, calibration = {}, {}
+    for f in dataclasses.fields(options):
+        value = getattr(options, f.name)
+        if value == f.default:
             continue
-        if k in inverse:
-            calibration[inverse[k]] = v
-            continue
-        fields[k] = str(v) if isinstance(v, Path) else v
-    doc = {"model": str(model)}
+        value = str(value) if isinstance(value, Path) else value
+        if f.name in inverse:
+            calibration[inverse[f.name]] = value
+        else:
+            fields[f.name] = value
+    doc: dict = {"model": str(model)}
     if calibration:
         doc["calibration"] = calibration
     doc["passes"] = [{name: fields}]
-    doc["export"] = {"format": "native", "output": str(out), "overwrite": bool(overwrite)}
+    export_format = getattr(options, "format", "native")
+    if name in ("prune", "merge") and getattr(options, "router", "standard") != "exact":
+        export_format = "hf"
+    doc["export"] = {"format": export_format, "output": str(out), "overwrite": bool(overwrite)}
     return doc

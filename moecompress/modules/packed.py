@@ -22,7 +22,7 @@ from torch import nn
 
 from moecompress.quant import format as fmt
 
-UNQUANTIZED = 16  # width recorded for experts kept in full precision
+UNQUANTIZED = fmt.UNQUANTIZED_BITS  # width recorded for experts kept in full precision
 
 
 @dataclass(frozen=True)
@@ -37,11 +37,12 @@ class ExpertsSpec:
     symmetric: bool
     has_gate: bool = True
     has_bias: bool = False
-    activation: str = "silu"  # silu | gelu | gpt_oss
+    activation: str = "silu"  # the kernels' name (kernels.moe_gemm.ACTIVATION_CODES): silu | gelu | gelu_tanh | relu | gpt_oss
     act_params: tuple[tuple[str, float], ...] = ()
 
     def group_for(self, k: int) -> int:
-        return k if self.group_size in (-1, 0) or self.group_size > k else self.group_size
+        """The group length G for a projection with K inputs (``format.resolve_group_size``: the one rule)."""
+        return fmt.resolve_group_size(k, self.group_size)
 
     def as_json(self) -> dict:
         return {
@@ -179,7 +180,7 @@ class PackedLinear(nn.Module):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.bits, self.symmetric = bits, symmetric
-        self.group_size = in_features if group_size in (-1, 0) or group_size > in_features else group_size
+        self.group_size = fmt.resolve_group_size(in_features, group_size)
         g = self.group_size
         self.register_buffer("qweight", torch.zeros(in_features * bits // 32, out_features, dtype=torch.int32))
         self.register_buffer("scales", torch.zeros(in_features // g, out_features, dtype=torch.float16))

@@ -27,14 +27,13 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import torch
 
 import moecompress
-from moecompress.calibration.sources import MODEL_SOURCES
 from moecompress.calibration.stats import RouterStats, collect_stats
 from moecompress.errors import MoeCompressError
 from moecompress.export.standard import (
@@ -44,9 +43,10 @@ from moecompress.export.standard import (
     with_expert_count,
     write_kept_experts,
 )
+from moecompress.api.calibration import CalibrationSpec, dummy_batch, load_for_model, require_tokenizer
+from moecompress.api.job import JobResult, require_int
 from moecompress.evaluate import folder_bytes
-from moecompress.export.writer import CheckpointWriter, StagingFolder, outer_state, prepare_output
-from moecompress.jobs import JobResult, calibration_for, has_tokenizer_files
+from moecompress.export.writer import CheckpointWriter, outer_state
 from moecompress.model.driver import LayerContext, run_layerwise
 from moecompress.model.loading import LayerwiseModel
 from moecompress.algorithms.merging import expert_to_group
@@ -70,12 +70,29 @@ class StatsSource:
     seqlen: int = 256
     seed: int = 0
     batch_size: int = 8
+    stats_label: str | None = field(default=None, compare=False)  # how reports name stats_dir (a pipeline's stats pass)
 
     def validate(self) -> None:
-        if self.stats_dir is None and (self.nsamples < 1 or self.seqlen < 2):
-            raise MoeCompressError(f"calibration needs --nsamples >= 1 and --seqlen >= 2, got {self.nsamples} x {self.seqlen}")
-        if self.batch_size < 1:
-            raise MoeCompressError(f"--batch-size must be at least 1, got {self.batch_size}")
+        self.spec().validate()
+        require_int("batch_size", self.batch_size, 1)
+        if self.stats_dir is not None and not (Path(self.stats_dir) / "stats.json").is_file():
+            raise MoeCompressError(f"--stats {self.stats_dir} holds no stats.json; write it with `moecompress stats` or drop --stats")
+
+    def spec(self) -> CalibrationSpec:
+        return CalibrationSpec(self.calib, self.nsamples, self.seqlen, self.seed)
+
+
+class CalibrationCache:
+    """The calibration set of one job, loaded at most once (statistics, refit and RegMean share it)."""
+
+    def __init__(self, model_folder: Path, source: StatsSource, announce=None):
+        self.model_folder, self.source, self.announce = model_folder, source, announce
+        self._loaded = None
+
+    def get(self):
+        if self._loaded is None:
+            self._loaded = load_for_model(self.model_folder, self.source.spec(), self.announce)
+        return self._loaded
 
 
 @dataclass
@@ -89,6 +106,8 @@ class EvalRequest:
     def validate(self) -> None:
         if not Path(self.data).is_file():
             raise MoeCompressError(f"--eval-data {self.data} is not a file")
+        require_int("eval_seqlen", self.seqlen, 2)
+        require_int("eval_max_tokens", self.max_tokens, 1)
         if self.seqlen < 2 or (self.max_tokens is not None and self.max_tokens < self.seqlen):
             raise MoeCompressError(
                 f"--eval-max-tokens {self.max_tokens} must hold at least one chunk of --eval-seqlen {self.seqlen} (>= 2)"
@@ -98,18 +117,13 @@ class EvalRequest:
 # ----------------------------------------------------------------------------- helpers
 
 
-def load_or_collect_stats(model_folder: str | Path, lm: LayerwiseModel, source: StatsSource, progress: Progress | None = None) -> RouterStats:
+def load_or_collect_stats(lm: LayerwiseModel, source: StatsSource, calibration: CalibrationCache,
+                          progress: Progress | None = None) -> RouterStats:
     """Statistics for ``lm``: read ``source.stats_dir`` or run the collector over a calibration set."""
     if source.stats_dir is not None:
         stats = RouterStats.load(source.stats_dir)
     else:
-        if source.calib not in MODEL_SOURCES and not has_tokenizer_files(model_folder):
-            # transformers 5 would silently build an empty tokenizer from the config alone.
-            raise MoeCompressError(
-                f"{model_folder} has no tokenizer files to tokenize calibration text; save the tokenizer into it, "
-                "pass --stats DIR from `moecompress stats`, or use --calib self or --calib sample"
-            )
-        calib, description = calibration_for(model_folder, source.calib, source.nsamples, source.seqlen, source.seed)
+        calib, description = calibration.get()
         stats = collect_stats(lm, calib, batch_size=source.batch_size, progress=progress)
         stats.calibration.update(description)
     check_stats_match(stats, lm)
@@ -148,7 +162,7 @@ def _rewrite(lm: LayerwiseModel, model_folder: Path, stage_path: Path, passes: l
         writer.write_module(f"{lm.view.layers_name}.{ctx.index}", ctx.layer, f"layer-{ctx.index:05d}.safetensors")
 
     if calibration is None:
-        calibration, batch_size = torch.zeros(1, 8, dtype=torch.long), 1
+        calibration, batch_size = dummy_batch(), 1
     run_layerwise(lm, calibration, passes, batch_size=batch_size, on_layer_done=write_layer, progress=progress)
     lm.load_outer()
     writer.write_tensors(outer_state(lm.model, lm.view.layers_name), "outer.safetensors")
@@ -179,14 +193,13 @@ def _evaluate_pair(model_folder: Path, out: Path, request: EvalRequest | None) -
     }
 
 
-def _refit_passes(refit: RefitConfig | None, model_folder: Path, source: StatsSource, shared_slots=None,
+def _refit_passes(refit: RefitConfig | None, calibration_cache: CalibrationCache, shared_slots=None,
                   need_calibration: bool = False):
     """(extra passes, calibration ids) for the rewrite sweep: none without refit, and calibration ids
     only when a pass needs activations (refit, fitted router rows)."""
     calibration = None
     if refit is not None or need_calibration:
-        calib, _ = calibration_for(model_folder, source.calib, source.nsamples, source.seqlen, source.seed)
-        calibration = calib.input_ids
+        calibration = calibration_cache.get()[0].input_ids
     return ([RefitPass(refit, shared_slots)] if refit is not None else []), calibration
 
 
@@ -204,7 +217,7 @@ def _refit_details(refit: RefitConfig | None, passes: list, source: StatsSource)
 
 def _stats_description(stats: RouterStats, source: StatsSource) -> dict:
     if source.stats_dir is not None:
-        return {"stats_dir": str(source.stats_dir), **stats.calibration}
+        return {"stats_dir": source.stats_label or str(source.stats_dir), **stats.calibration}
     return dict(stats.calibration)
 
 
@@ -222,12 +235,8 @@ def check_prune_request(lm: LayerwiseModel, cfg: PruneConfig) -> int:
     return target
 
 
-def _open_job(command: str, model_folder: Path, out, overwrite: bool, source: StatsSource, eval_request: EvalRequest | None,
-              check, progress):
-    """What prune and merge do before rewriting: validate everything, then read or gather statistics.
-
-    Returns (model, expert count of the written config, statistics, statistics seconds, start time).
-    """
+def _prepare(command: str, model_folder: Path, source: StatsSource, eval_request: EvalRequest | None, check):
+    """What prune and merge check before any work: options, the model, the request against it."""
     source.validate()
     if eval_request is not None:
         eval_request.validate()
@@ -235,99 +244,106 @@ def _open_job(command: str, model_folder: Path, out, overwrite: bool, source: St
     lm.require_dense(command)
     lm.require_ungrouped(command)
     count = check(lm)
-    prepare_output(out, overwrite)
-    start = time.time()
-    stats = load_or_collect_stats(model_folder, lm, source, progress)
-    return lm, count, stats, time.time() - start, start
+    if source.stats_dir is None:
+        require_tokenizer(model_folder, source.spec())
+    return lm, count
 
 
-def _common_details(command: str, model_folder: Path, result: JobResult, method: str, before: int, after: int,
-                    stats, source: StatsSource, stats_seconds: float) -> dict:
+def _common_details(command: str, model_folder: Path, stage: Path, method: str, before: int, after: int,
+                    stats, source: StatsSource, label: str | None = None) -> dict:
     """The summary fields prune and merge share (their own fields are added by each job)."""
     return {
         "command": command,
-        "model": str(model_folder),
-        "out": str(result.out),
+        "model": label or str(model_folder),
         "method": method,
         "experts_before": before,
         "experts_after": after,
         "statistics": _stats_description(stats, source),
         "super_experts": [{"layer": s.layer, "expert": s.expert, "max_abs": s.max_abs} for s in stats.super_experts],
-        "stats_seconds": round(stats_seconds, 2),
-        "seconds": round(result.seconds, 2),
-        "input_bytes": result.input_bytes,
-        "output_bytes": result.output_bytes,
+        "input_bytes": folder_bytes(model_folder),
+        "output_bytes": folder_bytes(stage),
     }
 
 
-def _write_checkpoint(lm: LayerwiseModel, model_folder: Path, out, overwrite: bool, passes: list, expert_count: int,
-                      calibration: torch.Tensor | None, source: StatsSource, start: float, progress: Progress | None,
-                      details: Callable[[Path, JobResult], dict], write_report: Callable[[Path, dict], Path],
+def _write_checkpoint(lm: LayerwiseModel, model_folder: Path, stage: Path, passes: list, expert_count: int,
+                      calibration: torch.Tensor | None, source: StatsSource, progress: Progress | None,
+                      details: Callable[[Path], dict], write_report: Callable[[Path, dict], Path],
                       eval_request: EvalRequest | None, native: Callable[[], dict | None] | None = None) -> JobResult:
-    """What prune and merge do after planning: the rewrite sweep into a staging folder, the job's own
-    files and summary (``details``), the optional evaluation, the report, then the rename into place."""
-    with StagingFolder(out, overwrite) as stage:
-        _rewrite(lm, model_folder, stage.path, passes, with_expert_count(lm.config, expert_count), progress,
-                 calibration, source.batch_size, native)
-        result = JobResult(Path(out), time.time() - start, folder_bytes(stage.path), lm.checkpoint.total_bytes())
-        result.details = details(stage.path, result)
-        result.details["eval"] = _evaluate_pair(model_folder, stage.path, eval_request)
-        write_report(stage.path / "report.md", result.details)
-        result.out = stage.commit()
-    return result
+    """What prune and merge do after planning: the rewrite sweep into the staging folder, the job's own
+    files and summary (``details``), the optional evaluation and the report."""
+    _rewrite(lm, model_folder, stage, passes, with_expert_count(lm.config, expert_count), progress,
+             calibration, source.batch_size, native)
+    summary = details(stage)
+    summary["eval"] = _evaluate_pair(model_folder, stage, eval_request)
+    write_report(stage / "report.md", summary)
+    return JobResult(None, summary)
 
 
-def prune_job(
-    model_folder: str | Path,
-    out: str | Path,
-    cfg: PruneConfig,
-    source: StatsSource = StatsSource(),
-    overwrite: bool = False,
-    eval_request: EvalRequest | None = None,
-    progress: Progress | None = None,
-    refit: RefitConfig | None = None,
-) -> tuple[JobResult, PrunePass]:
-    """Prune a model folder into a standard checkpoint at ``out`` (plus kept_experts.json, report.md).
+# ----------------------------------------------------------------------------- prune
+
+
+class PruneJob:
+    """Prune a model folder into a standard checkpoint (plus kept_experts.json, report.md).
 
     ``refit``: re-solve the kept experts' down projections on calibration data (see the module doc).
     """
-    model_folder = Path(model_folder)
-    if refit is not None:
-        refit.validate()
-    lm, target, stats, stats_seconds, start = _open_job(
-        "prune", model_folder, out, overwrite, source, eval_request, lambda lm: check_prune_request(lm, cfg), progress
-    )
-    pruner = PrunePass.from_stats(cfg, stats, lm.config)
-    refitters, calibration = _refit_passes(refit, model_folder, source)
-    before = config_expert_count(lm.config)
 
-    def details(stage_path: Path, result: JobResult) -> dict:
-        write_kept_experts(stage_path, kept_experts_record(
-            cfg.method, before, target, pruner.report.kept_map(),
-            protected={str(i): p for i, p in pruner.protected.items() if p},
-        ))
-        return {
-            **_common_details("prune", model_folder, result, cfg.method, before, target, stats, source, stats_seconds),
-            "options": {
-                "keep_ratio": cfg.keep_ratio,
-                "num_experts": cfg.num_experts,
-                **(
-                    {"similarity_threshold": cfg.similarity_threshold, "use_gate_in_similarity": cfg.use_gate_in_similarity}
-                    if cfg.method == "dern" else {}
-                ),
-            },
-            "layers": {str(r.layer): r.kept for r in pruner.report.layers},
-            "refit": _refit_details(refit, refitters, source),
-        }
+    command = "prune"
+    model_label: str | None = None  # how reports name the model (a pipeline's pass names its input)
 
-    result = _write_checkpoint(
-        lm, model_folder, out, overwrite, [pruner, *refitters], target, calibration, source, start, progress,
-        details, lambda path, d: write_prune_report(path, d, pruner), eval_request,
-    )
-    return result, pruner
+    def __init__(self, model: str | Path, cfg: PruneConfig, source: StatsSource = StatsSource(),
+                 eval_request: EvalRequest | None = None, refit: RefitConfig | None = None, announce=None):
+        self.model, self.cfg, self.source = Path(model), cfg, source
+        self.eval_request, self.refit, self.announce = eval_request, refit, announce
 
+    def inputs(self):
+        return [("model", self.model), ("statistics folder", self.source.stats_dir),
+                ("calibration source", self.source.spec().input_path()),
+                ("evaluation data", None if self.eval_request is None else self.eval_request.data)]
 
-# ----------------------------------------------------------------------------- merge
+    def validate(self) -> None:
+        self.cfg.validate()
+        if self.refit is not None:
+            self.refit.validate()
+        _prepare("prune", self.model, self.source, self.eval_request, lambda lm: check_prune_request(lm, self.cfg))
+
+    def write(self, stage: Path, progress: Progress | None) -> JobResult:
+        cfg, source, refit, model_folder = self.cfg, self.source, self.refit, self.model
+        lm, target = _prepare("prune", model_folder, source, self.eval_request, lambda lm: check_prune_request(lm, cfg))
+        calibration_cache = CalibrationCache(model_folder, source, self.announce)
+        t0 = time.perf_counter()
+        stats = load_or_collect_stats(lm, source, calibration_cache, progress)
+        stats_seconds = time.perf_counter() - t0
+        pruner = PrunePass.from_stats(cfg, stats, lm.config)
+        refitters, calibration = _refit_passes(refit, calibration_cache)
+        before = config_expert_count(lm.config)
+
+        def details(stage_path: Path) -> dict:
+            write_kept_experts(stage_path, kept_experts_record(
+                cfg.method, before, target, pruner.report.kept_map(),
+                protected={str(i): p for i, p in pruner.protected.items() if p},
+            ))
+            return {
+                **_common_details("prune", model_folder, stage_path, cfg.method, before, target, stats, source, self.model_label),
+                "options": {
+                    "keep_ratio": cfg.keep_ratio,
+                    "num_experts": cfg.num_experts,
+                    **(
+                        {"similarity_threshold": cfg.similarity_threshold, "use_gate_in_similarity": cfg.use_gate_in_similarity}
+                        if cfg.method == "dern" else {}
+                    ),
+                },
+                "layers": {str(r.layer): r.kept for r in pruner.report.layers},
+                "refit": _refit_details(refit, refitters, source),
+            }
+
+        result = _write_checkpoint(
+            lm, model_folder, stage, [pruner, *refitters], target, calibration, source, progress,
+            details, lambda path, d: write_prune_report(path, d, pruner), self.eval_request,
+        )
+        result.run["stats_seconds"] = round(stats_seconds, 2)
+        self.pass_ = pruner
+        return result
 
 
 def check_merge_request(lm: LayerwiseModel, cfg: MergeConfig) -> int:
@@ -351,68 +367,80 @@ def check_merge_request(lm: LayerwiseModel, cfg: MergeConfig) -> int:
     return cfg.num_experts
 
 
-def merge_job(
-    model_folder: str | Path,
-    out: str | Path,
-    cfg: MergeConfig,
-    source: StatsSource = StatsSource(),
-    overwrite: bool = False,
-    eval_request: EvalRequest | None = None,
-    progress: Progress | None = None,
-    refit: RefitConfig | None = None,
-) -> tuple[JobResult, MergePass]:
-    """Merge a model folder's experts into a standard checkpoint at ``out`` (M-SMoE).
+class MergeJob:
+    """Merge a model folder's experts (M-SMoE) into a standard checkpoint, or a native one with the
+    exact router's expert -> group map.
 
     ``refit``: re-solve the merged experts' down projections on calibration data (see the module doc).
     """
-    model_folder = Path(model_folder)
-    if refit is not None:
-        refit.validate()
-    lm, slots, stats, stats_seconds, start = _open_job(
-        "merge", model_folder, out, overwrite, source, eval_request, lambda lm: check_merge_request(lm, cfg), progress
-    )
-    merger = MergePass.from_stats(cfg, stats, lm.config)
-    shared = merger.groups_of if cfg.router == "exact-slots" else None  # a group's slots share one expert
-    refitters, calibration = _refit_passes(refit, model_folder, source, shared, cfg.needs_activations)
-    before = config_expert_count(lm.config)
 
-    def details(stage_path: Path, result: JobResult) -> dict:
-        write_kept_experts(stage_path, kept_experts_record(
-            cfg.method, before, slots, merger.report.groups_map(),
-            router=cfg.router,
-            router_mode=cfg.router_mode if cfg.router == "standard" else None,
-            group_counts={str(i): n for i, n in merger.group_counts.items()},
-            protected={str(i): p for i, p in merger.protected.items() if p},
-        ))
-        return {
-            **_common_details("merge", model_folder, result, cfg.method, before, slots, stats, source, stats_seconds),
-            "router": cfg.router,
-            # What each layer stores (exact-slots: distinct weights), against the router's outputs in experts_after.
-            "distinct_experts_after": round(sum(merger.group_counts.values()) / max(len(merger.group_counts), 1), 2),
-            "dominance": cfg.dominance,
-            "merge_weights": cfg.merge_weights,
-            "grouping": cfg.grouping_used,
-            "router_mode": cfg.router_mode if cfg.router == "standard" else None,
-            "group_counts": "per-layer" if cfg.uses_per_layer else "global threshold",
-            "groups_per_layer": {str(i): n for i, n in merger.group_counts.items()},
-            "layers": {str(r.layer): r.groups for r in merger.report.layers},
-            "refit": _refit_details(refit, refitters, source),
-        }
+    command = "merge"
+    model_label: str | None = None
 
-    def native() -> dict | None:
-        if cfg.router != "exact":
-            return None
-        return MoeCompressConfig(
-            expert_groups=expert_groups_map(lm, merger),
-            provenance={"tool": f"moecompress {moecompress.__version__}", "method": f"merge-{cfg.method}",
-                        "router": cfg.router, "source_model": model_folder.resolve().name},
-        ).to_dict()
+    def __init__(self, model: str | Path, cfg: MergeConfig, source: StatsSource = StatsSource(),
+                 eval_request: EvalRequest | None = None, refit: RefitConfig | None = None, announce=None):
+        self.model, self.cfg, self.source = Path(model), cfg, source
+        self.eval_request, self.refit, self.announce = eval_request, refit, announce
 
-    result = _write_checkpoint(
-        lm, model_folder, out, overwrite, [merger, *refitters], slots, calibration, source, start, progress,
-        details, lambda path, d: write_merge_report(path, d, merger), eval_request, native,
-    )
-    return result, merger
+    inputs = PruneJob.inputs
+
+    def validate(self) -> None:
+        self.cfg.validate()
+        if self.refit is not None:
+            self.refit.validate()
+        _prepare("merge", self.model, self.source, self.eval_request, lambda lm: check_merge_request(lm, self.cfg))
+
+    def write(self, stage: Path, progress: Progress | None) -> JobResult:
+        cfg, source, refit, model_folder = self.cfg, self.source, self.refit, self.model
+        lm, slots = _prepare("merge", model_folder, source, self.eval_request, lambda lm: check_merge_request(lm, cfg))
+        calibration_cache = CalibrationCache(model_folder, source, self.announce)
+        t0 = time.perf_counter()
+        stats = load_or_collect_stats(lm, source, calibration_cache, progress)
+        stats_seconds = time.perf_counter() - t0
+        merger = MergePass.from_stats(cfg, stats, lm.config)
+        shared = merger.groups_of if cfg.router == "exact-slots" else None  # a group's slots share one expert
+        refitters, calibration = _refit_passes(refit, calibration_cache, shared, cfg.needs_activations)
+        before = config_expert_count(lm.config)
+
+        def details(stage_path: Path) -> dict:
+            write_kept_experts(stage_path, kept_experts_record(
+                cfg.method, before, slots, merger.report.groups_map(),
+                router=cfg.router,
+                router_mode=cfg.router_mode if cfg.router == "standard" else None,
+                group_counts={str(i): n for i, n in merger.group_counts.items()},
+                protected={str(i): p for i, p in merger.protected.items() if p},
+            ))
+            return {
+                **_common_details("merge", model_folder, stage_path, cfg.method, before, slots, stats, source, self.model_label),
+                "router": cfg.router,
+                # What each layer stores (exact-slots: distinct weights), against the router's outputs in experts_after.
+                "distinct_experts_after": round(sum(merger.group_counts.values()) / max(len(merger.group_counts), 1), 2),
+                "dominance": cfg.dominance,
+                "merge_weights": cfg.merge_weights,
+                "grouping": cfg.grouping_used,
+                "router_mode": cfg.router_mode if cfg.router == "standard" else None,
+                "group_counts": "per-layer" if cfg.uses_per_layer else "global threshold",
+                "groups_per_layer": {str(i): n for i, n in merger.group_counts.items()},
+                "layers": {str(r.layer): r.groups for r in merger.report.layers},
+                "refit": _refit_details(refit, refitters, source),
+            }
+
+        def native() -> dict | None:
+            if cfg.router != "exact":
+                return None
+            return MoeCompressConfig(
+                expert_groups=expert_groups_map(lm, merger),
+                provenance={"tool": f"moecompress {moecompress.__version__}", "method": f"merge-{cfg.method}",
+                            "router": cfg.router, "source_model": model_folder.resolve().name},
+            ).to_dict()
+
+        result = _write_checkpoint(
+            lm, model_folder, stage, [merger, *refitters], slots, calibration, source, progress,
+            details, lambda path, d: write_merge_report(path, d, merger), self.eval_request, native,
+        )
+        result.run["stats_seconds"] = round(stats_seconds, 2)
+        self.pass_ = merger
+        return result
 
 
 def expert_groups_map(lm: LayerwiseModel, merger: MergePass) -> dict[str, list[int]]:
@@ -444,7 +472,6 @@ def _summary_rows(d: dict) -> list[tuple[str, str]]:
         ("output refit", "on (see the section below)" if d.get("refit") else "off (the method alone)"),
         ("checkpoint size", f"{d['input_bytes'] / 2**20:.2f} MiB -> {d['output_bytes'] / 2**20:.2f} MiB "
                             f"({100 * (d['output_bytes'] / d['input_bytes'] - 1):+.1f}%)"),
-        ("time", f"{d['seconds']:.1f} s (statistics {d['stats_seconds']:.1f} s)"),
         ("written by", f"moecompress {moecompress.__version__}"),
     ]
     ev = d.get("eval")
@@ -549,3 +576,26 @@ def write_merge_report(path: Path, details: dict, merger: MergePass) -> Path:
         sections.append(refit)
     sections.append(("Files", note))
     return write_markdown(path, sections, title=f"moecompress merge ({details['method']}, {details['router']} router)")
+
+
+# ----------------------------------------------------------------------------- config-level entry points
+
+
+def prune_job(model_folder: str | Path, out: str | Path, cfg: PruneConfig, source: StatsSource = StatsSource(),
+              overwrite: bool = False, eval_request: EvalRequest | None = None, progress: Progress | None = None,
+              refit: RefitConfig | None = None) -> tuple[JobResult, PrunePass]:
+    """Prune into ``out`` from ready-made configs -> (JobResult, PrunePass). Same contract as ``prune()``."""
+    from moecompress.api.job import execute
+
+    job = PruneJob(model_folder, cfg, source, eval_request, refit)
+    return execute(job, out, overwrite, progress=progress), job.pass_
+
+
+def merge_job(model_folder: str | Path, out: str | Path, cfg: MergeConfig, source: StatsSource = StatsSource(),
+              overwrite: bool = False, eval_request: EvalRequest | None = None, progress: Progress | None = None,
+              refit: RefitConfig | None = None) -> tuple[JobResult, MergePass]:
+    """Merge into ``out`` from ready-made configs -> (JobResult, MergePass). Same contract as ``merge()``."""
+    from moecompress.api.job import execute
+
+    job = MergeJob(model_folder, cfg, source, eval_request, refit)
+    return execute(job, out, overwrite, progress=progress), job.pass_

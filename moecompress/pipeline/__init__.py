@@ -1,0 +1,1 @@
+"""YAML pipelines: a validated plan (:mod:`.schema`) run through the library jobs (:mod:`.run`)."""
