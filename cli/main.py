@@ -6,12 +6,45 @@ import os
 import sys
 from pathlib import Path
 
+import click
 import typer
 from rich.table import Table
+from typer.core import TyperGroup
+
+try:  # typer >= 0.2x raises the exceptions of its vendored copy of click
+    from typer._click import exceptions as _vendored_click
+except ImportError:  # older typer: click itself
+    _vendored_click = click.exceptions
+
+CLICK_ERRORS = (click.ClickException, _vendored_click.ClickException)
+CLICK_ABORTS = tuple({click.exceptions.Abort, getattr(_vendored_click, "Abort", click.exceptions.Abort)})
 
 from moecompress.cli.common import console, print_json, quiet_transformers, user_errors
 
+class OneLineErrors(TyperGroup):
+    """Usage errors (a missing argument, ``--bits abc``, an unknown option) as one line and exit 2,
+    like every other bad input, instead of click's multi-line usage box."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except CLICK_ABORTS:
+            sys.stderr.write("interrupted: no output was written\n")
+            sys.exit(130)
+        except CLICK_ERRORS as exc:
+            if not exc.format_message():  # no arguments at all: the help was printed
+                sys.exit(exc.exit_code)
+            ctx = getattr(exc, "ctx", None)
+            where = ctx.command_path if ctx is not None else "moecompress"
+            sys.stderr.write(f"error: {exc.format_message()} (see {where} --help)\n")
+            sys.exit(exc.exit_code)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
 app = typer.Typer(
+    cls=OneLineErrors,
     name="moecompress",
     help="Post-training compression for Mixture-of-Experts LLMs (Hugging Face checkpoints).",
     no_args_is_help=True,
@@ -20,8 +53,18 @@ app = typer.Typer(
 )
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        import moecompress
+
+        print(f"moecompress {moecompress.__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
-def _root() -> None:
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True, help="print the version and exit"),
+) -> None:
     """Post-training compression for Mixture-of-Experts LLMs (Hugging Face checkpoints)."""
 
 
