@@ -6,18 +6,17 @@ import os
 import sys
 from pathlib import Path
 
-import click
 import typer
 from rich.table import Table
 from typer.core import TyperGroup
 
-try:  # typer >= 0.2x raises the exceptions of its vendored copy of click
-    from typer._click import exceptions as _vendored_click
+try:  # typer >= 0.2x parses with its own copy of click and raises its exceptions
+    from typer._click import exceptions as _click_exceptions
 except ImportError:  # older typer: click itself
-    _vendored_click = click.exceptions
+    from click import exceptions as _click_exceptions
 
-CLICK_ERRORS = (click.ClickException, _vendored_click.ClickException)
-CLICK_ABORTS = tuple({click.exceptions.Abort, getattr(_vendored_click, "Abort", click.exceptions.Abort)})
+CLICK_ERRORS = (_click_exceptions.ClickException,)
+CLICK_ABORTS = tuple(e for e in (getattr(_click_exceptions, "Abort", None),) if e is not None) or (KeyboardInterrupt,)
 
 from moecompress.cli.common import console, print_json, quiet_transformers, user_errors
 
