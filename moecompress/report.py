@@ -59,18 +59,32 @@ def heatmap(
     log: bool = False,
     cmap: str = "viridis",
     colorbar_label: str | None = None,
+    categories: Sequence[float] | None = None,
 ) -> Path:
     """Save ``matrix [rows, cols]`` as a heatmap PNG at ``path`` (rows on y, columns on x).
 
     log: logarithmic colour scale (non-positive cells drawn as the lowest colour).
+    categories: the matrix holds these few values (bit widths, say): one distinct colour and one
+    labelled colour-bar entry each, instead of a continuous scale (NaN cells stay blank).
     """
-    from matplotlib.colors import LogNorm
+    from matplotlib.colors import BoundaryNorm, ListedColormap, LogNorm
 
     plt = _pyplot()
     arr = _as_2d(matrix)
     rows, cols = arr.shape
     norm = None
-    if log:
+    category_ticks = None
+    if categories is not None:
+        values = list(categories)
+        index = np.full(arr.shape, np.nan)
+        for i, v in enumerate(values):
+            index[arr == v] = i
+        arr = index
+        palette = plt.get_cmap("tab10" if len(values) <= 10 else "tab20")
+        cmap = ListedColormap([palette(i) for i in range(len(values))])
+        norm = BoundaryNorm(np.arange(len(values) + 1) - 0.5, len(values))
+        category_ticks = (list(range(len(values))), [f"{v:g}" for v in values])
+    elif log:
         positive = arr[arr > 0]
         low = float(positive.min()) if positive.size else 1e-12
         high = float(positive.max()) if positive.size else 1.0
@@ -82,6 +96,9 @@ def heatmap(
     try:
         image = ax.imshow(arr, aspect="auto", interpolation="nearest", cmap=cmap, norm=norm)
         colorbar = fig.colorbar(image, ax=ax)
+        if category_ticks is not None:
+            colorbar.set_ticks(category_ticks[0])
+            colorbar.set_ticklabels(category_ticks[1])
         if colorbar_label:
             colorbar.set_label(colorbar_label)
         for axis, count, labels in ((ax.xaxis, cols, xticklabels), (ax.yaxis, rows, yticklabels)):

@@ -325,7 +325,7 @@ def _check_profile_matches(profile: ExpertProfile, model_folder, qcfg: QuantizeC
 def super_experts_for(profile: ExpertProfile, stats_dir: str | Path | None) -> tuple[list[SuperExpert], str]:
     """Super experts from ``stats_dir/stats.json`` when present, else from the profile. -> (list, source)."""
     if stats_dir is not None and (Path(stats_dir) / "stats.json").is_file():
-        from moecompress.calibration.stats import RouterStats
+        from moecompress.calibration.stats_types import RouterStats
 
         stats = RouterStats.load(stats_dir)
         # Statistics of another model (e.g. the one before pruning or merging) name other expert ids.
@@ -356,6 +356,7 @@ def mixed_precision_sections(out: Path, mp: MixedPrecisionConfig, res: MixedPrec
     png = report.heatmap(
         grid, out / "expert_bits.png", "Bits per expert", "expert", "layer",
         yticklabels=[str(i) for i in plan.moe_layers], colorbar_label="bits (16 = unquantized)",
+        categories=sorted({b for row in alloc.bits for b in row}),  # every width present, 16 included
     )
     prof = res.profile
     lines = ["## Mixed precision", ""]
