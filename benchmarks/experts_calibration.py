@@ -34,7 +34,7 @@ CALIB = {"calib": "sample", "nsamples": 64, "seqlen": 256, "seed": 0}
 
 
 def collect_sample_stats(testbed: Path, stats_dir: Path) -> None:
-    from moecompress.calibration.stats import collect_stats
+    from moecompress.calibration.collect import collect_stats
     from moecompress.api.calibration import calibration_for
 
     if (stats_dir / "stats.json").exists():

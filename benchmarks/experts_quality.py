@@ -72,7 +72,7 @@ def evaluate_folder(folder: Path, testbed: Path) -> dict:
 
 def collect(testbed: Path, stats_dir: Path) -> float:
     """Statistics of the original testbed over mixed 64 x 256 (seed 0); returns the seconds it took."""
-    from moecompress.calibration.stats import collect_stats
+    from moecompress.calibration.collect import collect_stats
     from moecompress.api.calibration import calibration_for
 
     if (stats_dir / "stats.json").exists():

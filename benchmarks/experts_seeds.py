@@ -36,7 +36,7 @@ DEFAULT_VARIANTS = ("frequency,msmoe-exact,msmoe-exact-regmean,msmoe-dominant-re
 
 
 def collect(testbed: Path, stats_dir: Path, seed: int) -> None:
-    from moecompress.calibration.stats import collect_stats
+    from moecompress.calibration.collect import collect_stats
     from moecompress.api.calibration import calibration_for
 
     if (stats_dir / "stats.json").exists():

@@ -1,7 +1,7 @@
 """`moecompress lint`: can vLLM (and transformers) load this compressed-tensors checkpoint's MoE layers?
 
 Exit 0: no errors (warnings may be listed); 1: findings with errors, one line each with its rule id;
-2: input that cannot be read.
+2: input that cannot be read, or a folder that is no compressed-tensors checkpoint at all.
 """
 
 from __future__ import annotations
@@ -20,8 +20,9 @@ def lint(
     as_json: bool = typer.Option(False, "--json", help="print one JSON object with every finding"),
 ) -> None:
     """Check a compressed-tensors checkpoint against what vLLM and transformers need for MoE layers."""
-    from moecompress.export.lint import RULES, format_findings, lint_checkpoint
+    from moecompress.export.lint import RULES, format_findings, lint_checkpoint, require_compressed_tensors
 
+    require_compressed_tensors(folder)
     report = lint_checkpoint(folder)
     if as_json:
         print_json(report.as_json())

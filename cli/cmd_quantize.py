@@ -95,7 +95,9 @@ def evaluate(
     quiet_transformers()
     if max_tokens is not None and max_tokens < seqlen:
         raise MoeCompressError(f"--max-tokens {max_tokens} is smaller than one chunk of --seqlen {seqlen}")
-    r = run_eval(model, data, seqlen=seqlen, max_tokens=max_tokens, batch_size=batch_size)
+    from moecompress.model.hub import resolve_model
+
+    r = run_eval(resolve_model(model), data, seqlen=seqlen, max_tokens=max_tokens, batch_size=batch_size)
     if as_json:
         print_json(r.as_json())
     else:

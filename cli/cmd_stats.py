@@ -46,7 +46,7 @@ def stats(
 
 
 def _print_summary(job_result, out: Path) -> None:
-    from moecompress.calibration.stats import RouterStats
+    from moecompress.calibration.stats_types import RouterStats
 
     result = RouterStats.load(out)
     table = Table(title=f"router statistics: {result.model}")

@@ -115,7 +115,7 @@ def run_api(command: str, api_call, model, out, options, overwrite: bool, dry_ru
 
 def print_notes(result) -> None:
     for note in result.notes:
-        console.print(f"[yellow]note:[/] {note}", highlight=False)
+        console.print(f"[yellow]note:[/] {note}", highlight=False, soft_wrap=True)
 
 
 def seconds_line(result) -> str:

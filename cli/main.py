@@ -75,10 +75,11 @@ def inspect(
     group_size: int = typer.Option(128, help="group size assumed for the size estimates"),
 ) -> None:
     """What the model is made of: MoE layers, experts, router, parameter counts, sizes per bit width."""
+    from moecompress.model.hub import resolve_model
     from moecompress.model.inspect import summarize
 
     quiet_transformers()
-    s = summarize(model, group_size=group_size)
+    s = summarize(resolve_model(model), group_size=group_size)
     if as_json:
         print_json(s.as_json())
         return

@@ -1,4 +1,4 @@
-"""Dequant-GEMM kernels for packed (kpack-v1) weights: Triton on GPU, pure torch everywhere.
+"""Dequant-GEMM kernels for packed (kpack-v2) weights: Triton on GPU, pure torch everywhere.
 
 The API lives in :mod:`moecompress.kernels.dispatch` (backend choice, dispatch) and the kernel
 modules beside it, each with its pure-torch twin; this file re-exports it.

@@ -1,8 +1,11 @@
-"""Dense dequant-GEMM: ``out = x @ dequantize(W)^T`` for one kpack-v1 packed weight.
+"""Dense dequant-GEMM: ``out = x @ dequantize(W)^T`` for one kpack-v2 packed weight.
 
-Shape legend: M rows (tokens), K input features, N output features, G group size.
-``x [..., K]`` (leading dims flattened to M), ``qweight [K*bits//32, N]`` int32, ``scales [K//G, N]``,
-``zeros [K//G, N]`` uint8 or None, ``bias [N]`` or None -> ``out [..., N]`` in ``x.dtype``.
+Shape legend: M rows (tokens), K input features, N output features, G group size, Kp = K padded to a
+multiple of 32, ng = ceil(K / G) (format.py). ``x [..., K]`` (leading dims flattened to M; x carries
+the true K, which the packed weight only bounds), ``qweight [Kp*bits//32, N]`` int32, ``scales [ng, N]``,
+``zeros [ng, N]`` uint8 or None, ``bias [N]`` or None -> ``out [..., N]`` in ``x.dtype``. The kernels
+walk ``cdiv(K, BLOCK_K)`` steps and mask ``k >= K`` on x and on the weight tile, so padding rows and a
+partial last group never contribute.
 
 Two Triton paths, chosen per M bucket from the config table (``config_table.py``):
 
@@ -43,8 +46,8 @@ def dequant_gemm_reference(
     bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Pure-torch twin of :func:`dequant_gemm`: ``x [..., K] -> [..., N]`` via ``format.dequantize``."""
-    packed_shape(qweight, scales, zeros, bits, group_size)
-    weight = fmt.dequantize(qweight, scales, zeros, bits, group_size, torch.float32)  # [N, K]
+    k, _n = packed_shape(qweight, scales, zeros, bits, group_size, k=x.shape[-1])
+    weight = fmt.dequantize(qweight, scales, zeros, bits, group_size, torch.float32, k=k)  # [N, K]
     out = x.to(torch.float32) @ weight.t()  # [..., N], fp32 accumulation like the kernels
     if bias is not None:
         out = out + bias.to(torch.float32)
@@ -82,11 +85,9 @@ def dequant_gemm_with_config(
     ``config``: ``kernel`` ("splitk" | "tiled"), ``BLOCK_M``, ``BLOCK_N``, ``BLOCK_K`` (clipped to a
     divisor of the group size), ``SPLIT_K`` (splitk), ``GROUP_M`` (tiled), ``num_warps``, ``num_stages``.
     """
-    k, n = packed_shape(qweight, scales, zeros, bits, group_size)
     if qweight.dim() != 2:
-        raise MoeCompressError(f"dequant_gemm takes one weight (qweight [K*bits//32, N]); got {tuple(qweight.shape)}")
-    if x.shape[-1] != k:
-        raise MoeCompressError(f"x has {x.shape[-1]} input features but the packed weight has K={k}")
+        raise MoeCompressError(f"dequant_gemm takes one weight (qweight [Kp*bits//32, N]); got {tuple(qweight.shape)}")
+    k, n = packed_shape(qweight, scales, zeros, bits, group_size, k=x.shape[-1])
     if bias is not None and bias.shape != (n,):
         raise MoeCompressError(f"bias must have shape ({n},), got {tuple(bias.shape)}")
     require_kernel_device(x, qweight)
@@ -99,7 +100,7 @@ def dequant_gemm_with_config(
         return x.new_empty(*lead, n)
     qweight, scales = qweight.contiguous(), scales.contiguous()
     zeros = zeros.contiguous() if zeros is not None else None
-    block_k = fit_block_k(config["BLOCK_K"], group_size)
+    block_k = fit_block_k(config["BLOCK_K"], group_size, k)
     kernel = config.get("kernel", "splitk")
     if kernel == "splitk":
         out = _launch_splitk(x2, qweight, scales, zeros, bias, bits, group_size, k, n, block_k, config)
@@ -115,7 +116,7 @@ def _launch_splitk(x2, qweight, scales, zeros, bias, bits, group_size, k, n, blo
     tk = triton_kernels()
     m = x2.shape[0]
     block_m, block_n = config["BLOCK_M"], config["BLOCK_N"]
-    split_k = max(1, min(config.get("SPLIT_K", 1), k // block_k))
+    split_k = max(1, min(config.get("SPLIT_K", 1), cdiv(k, block_k)))
     # One split writes the final dtype directly; several write fp32 planes summed below.
     plane_dtype = x2.dtype if split_k == 1 else torch.float32
     planes = torch.empty(split_k, m, n, device=x2.device, dtype=plane_dtype)
@@ -125,7 +126,7 @@ def _launch_splitk(x2, qweight, scales, zeros, bias, bits, group_size, k, n, blo
         m, n, k, group_size, x2.stride(0), m * n,
         BITS=bits, HAS_ZEROS=zeros is not None, HAS_BIAS=bias is not None,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k,
-        USE_DOT=block_m >= MIN_DOT_BLOCK, DOT_FP32=dot_in_fp32(x2.dtype),
+        USE_DOT=block_m >= MIN_DOT_BLOCK, DOT_FP32=dot_in_fp32(x2.dtype), EVEN_K=k % block_k == 0,
         **launch_options(config),
     )
     return planes[0] if split_k == 1 else planes.sum(dim=0).to(x2.dtype)
@@ -145,7 +146,7 @@ def _launch_tiled(x2, qweight, scales, zeros, bias, bits, group_size, k, n, bloc
         m, n, k, group_size, x2.stride(0),
         BITS=bits, HAS_ZEROS=zeros is not None, HAS_BIAS=bias is not None,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=config.get("GROUP_M", 8),
-        DOT_FP32=dot_in_fp32(x2.dtype),
+        DOT_FP32=dot_in_fp32(x2.dtype), EVEN_K=k % block_k == 0,
         **launch_options(config),
     )
     return out

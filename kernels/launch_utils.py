@@ -51,8 +51,15 @@ def dot_in_fp32(dtype: torch.dtype) -> bool:
     return interpreting() or dtype == torch.float32
 
 
-def fit_block_k(block_k: int, group_size: int) -> int:
-    """Largest power of two <= ``block_k`` dividing ``group_size``, so one K step reads one scale row."""
+def fit_block_k(block_k: int, group_size: int, k: int | None = None) -> int:
+    """Largest power of two <= ``block_k`` dividing ``group_size``, so one K step reads one scale row.
+
+    With ``k`` (the true K) and one group per row (``group_size >= k``: per-channel) every step reads
+    scale row 0, so ``block_k`` only has to be a power of two >= 16; it is not grown past K's power of
+    two (masked columns are wasted work)."""
+    if k is not None and group_size >= k:
+        cap = max(MIN_DOT_BLOCK, 1 << max(k - 1, 1).bit_length())
+        return max(MIN_DOT_BLOCK, 1 << (min(block_k, cap).bit_length() - 1))
     fitted = 1 << (min(block_k, group_size).bit_length() - 1)
     while group_size % fitted:
         fitted //= 2
@@ -65,23 +72,38 @@ def fit_block_k(block_k: int, group_size: int) -> int:
 
 
 def packed_shape(
-    qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, bits: int, group_size: int
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor | None,
+    bits: int,
+    group_size: int,
+    k: int | None = None,
 ) -> tuple[int, int]:
-    """(K, N) of a packed weight ``qweight [..., K*bits//32, N]``; raises on inconsistent tensors."""
+    """(K, N) of a packed weight ``qweight [..., Kp*bits//32, N]``; raises on inconsistent tensors.
+
+    ``k``: the true K (format.py: qweight holds K padded to a multiple of 32, so its rows only bound
+    K); None reads K = Kp from the rows (kpack-v1 data)."""
     if bits not in fmt.SUPPORTED_BITS:
         raise MoeCompressError(f"bits must be one of {fmt.SUPPORTED_BITS}, got {bits}")
     if qweight.dtype != torch.int32:
-        raise MoeCompressError(f"qweight must be int32 (kpack-v1), got {qweight.dtype}")
+        raise MoeCompressError(f"qweight must be int32 (kpack), got {qweight.dtype}")
     rows, n = qweight.shape[-2:]
-    k = rows * 32 // bits
-    if fmt.packed_rows(k, bits) != rows:
-        raise MoeCompressError(f"qweight has {rows} rows, which no K packs to at {bits} bits")
+    if k is None:
+        k = rows * 32 // bits
+        if fmt.packed_rows(k, bits) != rows:
+            raise MoeCompressError(f"qweight has {rows} rows, which no K packs to at {bits} bits")
+    elif k < 1 or fmt.packed_rows(k, bits) != rows:
+        held = rows * 32 // bits
+        raise MoeCompressError(
+            f"the input has {k} input features but the packed weight has {rows} qweight rows at {bits} bits "
+            f"(K in {max(held - fmt.PACK_ALIGN + 1, 1)}..{held})"
+        )
     if group_size == fmt.PER_CHANNEL:
         raise MoeCompressError(f"the kernels take the group length itself: pass K={k} for per-channel, not -1")
-    problem = fmt.group_size_problem(k, group_size, packed=False)
+    problem = fmt.group_size_problem(k, group_size)
     if problem is not None:
         raise MoeCompressError(problem)
-    expected = (*qweight.shape[:-2], k // group_size, n)
+    expected = (*qweight.shape[:-2], fmt.num_groups(k, group_size), n)
     if tuple(scales.shape) != expected:
         raise MoeCompressError(f"scales shape {tuple(scales.shape)} does not match qweight: expected {expected}")
     if zeros is not None and tuple(zeros.shape) != expected:

@@ -1,12 +1,14 @@
-"""Grouped MoE experts forward on packed (kpack-v1) experts of mixed bit widths, for ONE layer.
+"""Grouped MoE experts forward on packed (kpack-v2) experts of mixed bit widths, for ONE layer.
 
 Shape legend: T tokens, k experts per token (top-k), S = T * k (token, slot) pairs, E experts in the
 layer, E_b experts in one width class, H hidden, I intermediate (per expert).
 
 Inputs: ``x [T, H]``, ``topk_ids [T, k]`` (layer expert ids), ``topk_weights [T, k]``, ``groups`` (one
 :class:`~moecompress.quant.format.PackedExpertGroup` per bit width, canonical layout: ``gate_up
-[2I, H]`` gate rows then up rows, ``down [H, I]``), optional unquantized biases ``gate_up_bias [E, 2I]``
-(same gate-then-up order) and ``down_bias [E, H]``, indexed by layer expert id. Output ``[T, H]``:
+[2I, H]`` gate rows then up rows, ``down [H, I]``; ``gate_up.k`` = H and ``down.k`` = I give the true
+input dimensions, which the packed rows only bound when H or I is not a multiple of 32), optional
+unquantized biases ``gate_up_bias [E, 2I]`` (same gate-then-up order) and ``down_bias [E, H]``,
+indexed by layer expert id. Output ``[T, H]``:
 ``sum_j w[t, j] * expert_{ids[t, j]}(x[t])``. A slot routed to an expert that is in no group
 contributes zero (an expert held elsewhere, e.g. on another rank).
 
@@ -101,9 +103,12 @@ def canonical_activation(activation: str) -> str:
 
 
 def group_dims(group: fmt.PackedExpertGroup) -> tuple[int, int, bool]:
-    """(H, I, gated) of one width class, checked for consistency between gate_up and down."""
-    hidden, width = packed_shape(group.gate_up.qweight, group.gate_up.scales, group.gate_up.zeros, group.bits, group.group_size)
-    inter, down_out = packed_shape(group.down.qweight, group.down.scales, group.down.zeros, group.bits, group.down_group)
+    """(H, I, gated) of one width class, checked for consistency between gate_up and down.
+
+    H and I are the projections' ``k`` (true input dimensions), else read from the packed rows."""
+    gu, dn = group.gate_up, group.down
+    hidden, width = packed_shape(gu.qweight, gu.scales, gu.zeros, group.bits, group.group_size, k=gu.k)
+    inter, down_out = packed_shape(dn.qweight, dn.scales, dn.zeros, group.bits, group.down_group, k=dn.k)
     if down_out != hidden:
         raise MoeCompressError(f"{group.bits}-bit group: down projects to {down_out} features, gate_up reads H={hidden}")
     if width not in (inter, 2 * inter):
@@ -245,10 +250,12 @@ def moe_experts_forward_reference(
             gate_up = fmt.dequantize(
                 group.gate_up.qweight[local], group.gate_up.scales[local],
                 None if group.gate_up.zeros is None else group.gate_up.zeros[local], group.bits, group.group_size,
+                k=dims.hidden,
             )  # [2I or I, H]
             down = fmt.dequantize(
                 group.down.qweight[local], group.down.scales[local],
                 None if group.down.zeros is None else group.down.zeros[local], group.bits, group.down_group,
+                k=dims.intermediate,
             )  # [H, I]
             projected = x32[tokens] @ gate_up.t()  # [n_e, 2I]
             if gate_up_bias is not None:
@@ -385,7 +392,7 @@ class _Rows:
 def _contiguous(projection: fmt.PackedProjection) -> fmt.PackedProjection:
     """The kernels derive per-expert strides from ``tensor[0].numel()``: packed tensors must be dense."""
     zeros = projection.zeros.contiguous() if projection.zeros is not None else None
-    return fmt.PackedProjection(projection.qweight.contiguous(), projection.scales.contiguous(), zeros)
+    return fmt.PackedProjection(projection.qweight.contiguous(), projection.scales.contiguous(), zeros, projection.k)
 
 
 def _rows_for(
@@ -438,6 +445,7 @@ def _run_group(
     inter_buf = torch.empty(num_slots, inter, dtype=x.dtype, device=device)
     r = rows(gu_cfg.get("BLOCK_M", 16))
     block_n = gu_cfg["BLOCK_N"]
+    block_k = fit_block_k(gu_cfg["BLOCK_K"], group.group_size, hidden)
     tk.moe_gate_up_kernel[(r.num_row_programs, cdiv(inter, block_n))](
         x, gu.qweight, gu.scales, gu.zeros if gu.zeros is not None else gu.scales,
         gate_up_bias if gate_up_bias is not None else gu.scales, group_eids, inter_buf,
@@ -447,14 +455,15 @@ def _run_group(
         dims.alpha, dims.limit,
         BITS=group.bits, HAS_ZEROS=gu.zeros is not None, HAS_BIAS=gate_up_bias is not None, GATED=dims.gated,
         ACT=ACTIVATION_CODES[dims.activation], DECODE=r.decode,
-        BLOCK_M=r.block_m, BLOCK_N=block_n, BLOCK_K=fit_block_k(gu_cfg["BLOCK_K"], group.group_size),
-        USE_DOT=not r.decode, DOT_FP32=dot_fp32,
+        BLOCK_M=r.block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        USE_DOT=not r.decode, DOT_FP32=dot_fp32, EVEN_K=hidden % block_k == 0,
         **launch_options(gu_cfg),
     )
 
     # down: inter [S, I] x [E_b, H, I] -> * routing weight -> out_slots [S, H]
     r = rows(down_cfg.get("BLOCK_M", 16))
     block_n = down_cfg["BLOCK_N"]
+    block_k = fit_block_k(down_cfg["BLOCK_K"], group.down_group, inter)
     tk.moe_down_kernel[(r.num_row_programs, cdiv(hidden, block_n))](
         inter_buf, dn.qweight, dn.scales, dn.zeros if dn.zeros is not None else dn.scales,
         down_bias if down_bias is not None else dn.scales, group_eids, flat_weights, out_slots,
@@ -462,7 +471,7 @@ def _run_group(
         num_slots, hidden, inter, group.down_group,
         dn.qweight[0].numel(), dn.scales[0].numel(), down_bias.stride(0) if down_bias is not None else 0,
         BITS=group.bits, HAS_ZEROS=dn.zeros is not None, HAS_BIAS=down_bias is not None, DECODE=r.decode,
-        BLOCK_M=r.block_m, BLOCK_N=block_n, BLOCK_K=fit_block_k(down_cfg["BLOCK_K"], group.down_group),
-        USE_DOT=not r.decode, DOT_FP32=dot_fp32,
+        BLOCK_M=r.block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        USE_DOT=not r.decode, DOT_FP32=dot_fp32, EVEN_K=inter % block_k == 0,
         **launch_options(down_cfg),
     )

@@ -2,7 +2,7 @@
 
 Shape legend: E experts, H hidden, I intermediate, T tokens, k experts per token.
 Weights are built the way a quantizer would hand them over: integer codes ``[N, K]``, scales and
-zeros ``[N, K // G]``, then ``format.pack_weight``.
+zeros ``[N, ceil(K / G)]``, then ``format.pack_weight``. Any K (padded to 32 by the format).
 """
 
 from __future__ import annotations
@@ -30,10 +30,11 @@ def random_packed(
     device = torch.device(device)
     local = torch.Generator(device=device).manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator)))
     codes = torch.randint(0, 2**bits, (*lead, n, k), generator=local, device=device, dtype=torch.int32)
-    scales = (torch.rand(*lead, n, k // group_size, generator=local, device=device) + 0.5) * scale  # [..., N, K//G]
+    groups = fmt.num_groups(k, group_size)
+    scales = (torch.rand(*lead, n, groups, generator=local, device=device) + 0.5) * scale  # [..., N, ceil(K/G)]
     zeros = None
     if with_zeros:
-        zeros = torch.randint(0, 2**bits, (*lead, n, k // group_size), generator=local, device=device).float()
+        zeros = torch.randint(0, 2**bits, (*lead, n, groups), generator=local, device=device).float()
     packed = fmt.pack_weight(codes, scales, zeros, bits, group_size)
     del codes
     return packed
@@ -59,7 +60,7 @@ def random_expert_group(
     def stacked(n: int, k: int) -> fmt.PackedProjection:
         parts = [random_packed((n, k), bits, group_size, with_zeros, generator, device) for _ in expert_ids]
         zeros = None if not with_zeros else torch.stack([p.zeros for p in parts])
-        return fmt.PackedProjection(torch.stack([p.qweight for p in parts]), torch.stack([p.scales for p in parts]), zeros)
+        return fmt.PackedProjection(torch.stack([p.qweight for p in parts]), torch.stack([p.scales for p in parts]), zeros, k)
 
     gate_up = stacked(width, hidden)
     down = stacked(hidden, intermediate)

@@ -1,4 +1,4 @@
-"""Triton kernels that dequantize kpack-v1 weights in registers and multiply (dense and grouped MoE).
+"""Triton kernels that dequantize kpack-v2 weights in registers and multiply (dense and grouped MoE).
 
 This module imports triton at module level: the host code in ``dequant_gemm.py`` / ``moe_gemm.py``
 imports it lazily, so ``import moecompress.kernels`` works without triton or a GPU.
@@ -6,12 +6,16 @@ imports it lazily, so ``import moecompress.kernels`` works without triton or a G
 Shape legend: M rows of activations, K input features, N output features; for MoE T tokens, k slots
 per token, S = T * k (token, slot) pairs, E_b experts in one width class, H hidden, I intermediate.
 
-Weight layout (``moecompress.quant.format``): ``qweight [K*bits//32, N]`` int32 packed along K with N
-contiguous (3-bit: a 2-bit plane of ``K // 16`` rows then a 1-bit plane of ``K // 32`` rows),
-``scales [K//G, N]`` fp16, ``zeros [K//G, N]`` uint8 or absent (symmetric: z = 2**(bits-1)).
+Weight layout (``moecompress.quant.format``, kpack-v2): ``qweight [Kp*bits//32, N]`` int32 packed along
+K with N contiguous, Kp = K padded up to a multiple of 32 (3-bit: a 2-bit plane of ``Kp // 16`` rows then
+a 1-bit plane of ``Kp // 32`` rows), ``scales [ceil(K/G), N]`` fp16, ``zeros [ceil(K/G), N]`` uint8 or
+absent (symmetric: z = 2**(bits-1)). K passed to the kernels is the TRUE K (x's width); Kp is derived.
 
-Every kernel walks K in steps of BLOCK_K with ``group_size % BLOCK_K == 0``, so one scale/zero row
-serves a whole step, and dequantizes in FMA form ``w = q * s + (-z * s)`` just before the product.
+Every kernel walks K in ``cdiv(K, BLOCK_K)`` steps with ``group_size % BLOCK_K == 0`` (or one group per
+row), so one scale/zero row serves a whole step, and dequantizes in FMA form ``w = q * s + (-z * s)``
+just before the product. Unless EVEN_K (``K % BLOCK_K == 0``, a constexpr: no masks at all), the last
+step masks ``k >= K``: x is not read there (0) and neither are the codes, so padding rows and the
+columns past a partial last group contribute exactly nothing (0 times a finite weight).
 Interpreter limits (TRITON_INTERPRET=1) shape two choices: ``DOT_FP32`` casts both operands to fp32
 because bf16 ``tl.dot`` is wrong there, and every shift is followed by a mask because int32 ``>>`` is
 arithmetic.
@@ -34,17 +38,22 @@ ACT_GPT_OSS: tl.constexpr = tl.constexpr(4)
 # Shared tile helpers
 # ----------------------------------------------------------------------------------------------
 @triton.jit
-def _load_codes(qw_ptr, offs_k, offs_n, mask_n, row_stride, K, BITS: tl.constexpr):
+def _load_codes(qw_ptr, offs_k, offs_n, mask_n, row_stride, K, BITS: tl.constexpr, EVEN_K: tl.constexpr):
     """Integer codes ``[BLOCK_K, BLOCK_N]`` int32 for absolute rows ``offs_k`` and columns ``offs_n``.
 
     Each code row k reads packed row ``k // per_word`` (neighbouring k hit the same word: the cache
-    serves the repeats, as in GemLite) and shifts by its bit offset inside the word.
+    serves the repeats, as in GemLite) and shifts by its bit offset inside the word. Rows ``k >= K``
+    (true K) are not read unless EVEN_K: they load code 0.
     """
     col = offs_n[None, :]
-    mask = mask_n[None, :]
+    if EVEN_K:
+        mask = mask_n[None, :]
+    else:
+        mask = mask_n[None, :] & (offs_k[:, None] < K)
     if BITS == 3:
+        KP = (K + 31) // 32 * 32  # the padded K: the 1-bit plane starts after Kp // 16 rows
         low_word = tl.load(qw_ptr + (offs_k[:, None] // 16) * row_stride + col, mask=mask, other=0)
-        high_word = tl.load(qw_ptr + (K // 16 + offs_k[:, None] // 32) * row_stride + col, mask=mask, other=0)
+        high_word = tl.load(qw_ptr + (KP // 16 + offs_k[:, None] // 32) * row_stride + col, mask=mask, other=0)
         low = (low_word >> ((offs_k[:, None] % 16) * 2)) & 3
         high = (high_word >> (offs_k[:, None] % 32)) & 1
         codes = low | (high << 2)
@@ -59,14 +68,15 @@ def _load_codes(qw_ptr, offs_k, offs_n, mask_n, row_stride, K, BITS: tl.constexp
 @triton.jit
 def _load_dequant(
     qw_ptr, s_ptr, z_ptr, k0, offs_k, offs_n, mask_n, row_stride, K, group_size,
-    BITS: tl.constexpr, HAS_ZEROS: tl.constexpr,
+    BITS: tl.constexpr, HAS_ZEROS: tl.constexpr, EVEN_K: tl.constexpr,
 ):
     """Dequantized weight tile ``W^T[k0:k0+BLOCK_K, offs_n]`` as fp32 ``[BLOCK_K, BLOCK_N]``.
 
     ``scales``/``zeros`` rows have the same row stride as ``qweight`` (N); ``k0 // group_size`` is the
-    single group row of this K step.
+    single group row of this K step (``k0 < K``, so the row exists: ceil(K / G) rows). Rows ``k >= K``
+    hold the finite ``-z * s``; the activation is 0 there, so they add nothing.
     """
-    codes = _load_codes(qw_ptr, offs_k, offs_n, mask_n, row_stride, K, BITS)
+    codes = _load_codes(qw_ptr, offs_k, offs_n, mask_n, row_stride, K, BITS, EVEN_K)
     group_row = k0 // group_size
     scale = tl.load(s_ptr + group_row * row_stride + offs_n, mask=mask_n, other=0.0).to(tl.float32)
     if HAS_ZEROS:
@@ -133,7 +143,7 @@ def _dense_tile(
     M, N, K, group_size, stride_xm, split_stride,
     BITS: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    USE_DOT: tl.constexpr, DOT_FP32: tl.constexpr,
+    USE_DOT: tl.constexpr, DOT_FP32: tl.constexpr, EVEN_K: tl.constexpr,
 ):
     """One output tile over K steps ``[step_start, step_end)``, stored into split plane ``pid_k``."""
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -146,8 +156,12 @@ def _dense_tile(
     for step in range(step_start, step_end):
         k0 = step * BLOCK_K
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        a = tl.load(a_row_ptrs[:, None] + offs_k[None, :], mask=mask_m[:, None], other=0.0)
-        w = _load_dequant(qw_ptr, s_ptr, z_ptr, k0, offs_k, offs_n, mask_n, N, K, group_size, BITS, HAS_ZEROS)
+        if EVEN_K:
+            a_mask = mask_m[:, None]
+        else:
+            a_mask = mask_m[:, None] & (offs_k[None, :] < K)
+        a = tl.load(a_row_ptrs[:, None] + offs_k[None, :], mask=a_mask, other=0.0)
+        w = _load_dequant(qw_ptr, s_ptr, z_ptr, k0, offs_k, offs_n, mask_n, N, K, group_size, BITS, HAS_ZEROS, EVEN_K)
         acc = _mma(acc, a, w, USE_DOT, DOT_FP32)
     if HAS_BIAS:
         # Only split 0 adds the bias, so the sum over split planes adds it once.
@@ -163,7 +177,7 @@ def dense_splitk_kernel(
     M, N, K, group_size, stride_xm, split_stride,
     BITS: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-    USE_DOT: tl.constexpr, DOT_FP32: tl.constexpr,
+    USE_DOT: tl.constexpr, DOT_FP32: tl.constexpr, EVEN_K: tl.constexpr,
 ):
     """GEMV / split-K path for small M. Grid ``(cdiv(N, BLOCK_N), SPLIT_K, cdiv(M, BLOCK_M))``.
 
@@ -173,14 +187,14 @@ def dense_splitk_kernel(
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m = tl.program_id(2)
-    num_steps = K // BLOCK_K
+    num_steps = tl.cdiv(K, BLOCK_K)
     per_split = tl.cdiv(num_steps, SPLIT_K)
     step_start = pid_k * per_split
     step_end = tl.minimum(step_start + per_split, num_steps)
     _dense_tile(
         x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, pid_m, pid_n, pid_k, step_start, step_end,
         M, N, K, group_size, stride_xm, split_stride,
-        BITS, HAS_ZEROS, HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K, USE_DOT, DOT_FP32,
+        BITS, HAS_ZEROS, HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K, USE_DOT, DOT_FP32, EVEN_K,
     )
 
 
@@ -190,7 +204,7 @@ def dense_tiled_kernel(
     M, N, K, group_size, stride_xm,
     BITS: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    DOT_FP32: tl.constexpr,
+    DOT_FP32: tl.constexpr, EVEN_K: tl.constexpr,
 ):
     """Tiled GEMM path for larger M. 1-D grid ``cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N)`` in grouped
     order (GROUP_M row-tiles share each weight column tile while it is hot in L2)."""
@@ -203,9 +217,9 @@ def dense_tiled_kernel(
     pid_m = first_pid_m + (pid % pids_per_group) % group_rows
     pid_n = (pid % pids_per_group) // group_rows
     _dense_tile(
-        x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, pid_m, pid_n, pid * 0, 0, K // BLOCK_K,
+        x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, pid_m, pid_n, pid * 0, 0, tl.cdiv(K, BLOCK_K),
         M, N, K, group_size, stride_xm, 0,
-        BITS, HAS_ZEROS, HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K, True, DOT_FP32,
+        BITS, HAS_ZEROS, HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K, True, DOT_FP32, EVEN_K,
     )
 
 
@@ -246,7 +260,7 @@ def moe_gate_up_kernel(
     BITS: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr, GATED: tl.constexpr,
     ACT: tl.constexpr, DECODE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    USE_DOT: tl.constexpr, DOT_FP32: tl.constexpr,
+    USE_DOT: tl.constexpr, DOT_FP32: tl.constexpr, EVEN_K: tl.constexpr,
 ):
     """``inter[slot, :] = act(x[slot // k] @ gate_up[e]^T (+ bias))`` for one width class.
 
@@ -274,13 +288,17 @@ def moe_gate_up_kernel(
     acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, H, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        a = tl.load(a_row_ptrs[:, None] + offs_k[None, :], mask=mask_m[:, None], other=0.0)
-        if GATED:
-            w_gate = _load_dequant(qw_ptr, s_ptr, z_ptr, k0, offs_k, offs_n, mask_n, width, H, group_size, BITS, HAS_ZEROS)
-            acc_gate = _mma(acc_gate, a, w_gate, USE_DOT, DOT_FP32)
-            w_up = _load_dequant(qw_ptr, s_ptr, z_ptr, k0, offs_k, offs_n + I, mask_n, width, H, group_size, BITS, HAS_ZEROS)
+        if EVEN_K:
+            a_mask = mask_m[:, None]
         else:
-            w_up = _load_dequant(qw_ptr, s_ptr, z_ptr, k0, offs_k, offs_n, mask_n, width, H, group_size, BITS, HAS_ZEROS)
+            a_mask = mask_m[:, None] & (offs_k[None, :] < H)
+        a = tl.load(a_row_ptrs[:, None] + offs_k[None, :], mask=a_mask, other=0.0)
+        if GATED:
+            w_gate = _load_dequant(qw_ptr, s_ptr, z_ptr, k0, offs_k, offs_n, mask_n, width, H, group_size, BITS, HAS_ZEROS, EVEN_K)
+            acc_gate = _mma(acc_gate, a, w_gate, USE_DOT, DOT_FP32)
+            w_up = _load_dequant(qw_ptr, s_ptr, z_ptr, k0, offs_k, offs_n + I, mask_n, width, H, group_size, BITS, HAS_ZEROS, EVEN_K)
+        else:
+            w_up = _load_dequant(qw_ptr, s_ptr, z_ptr, k0, offs_k, offs_n, mask_n, width, H, group_size, BITS, HAS_ZEROS, EVEN_K)
         acc_up = _mma(acc_up, a, w_up, USE_DOT, DOT_FP32)
     if HAS_BIAS:
         expert = tl.load(group_eids_ptr + local_e).to(tl.int64)  # biases are indexed by layer expert id
@@ -302,7 +320,7 @@ def moe_down_kernel(
     num_slots, H, I, group_size, stride_qe, stride_se, stride_bias_e,
     BITS: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr, DECODE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    USE_DOT: tl.constexpr, DOT_FP32: tl.constexpr,
+    USE_DOT: tl.constexpr, DOT_FP32: tl.constexpr, EVEN_K: tl.constexpr,
 ):
     """``out[slot, :] = topk_weight[slot] * (inter[slot] @ down[e]^T (+ bias))``.
 
@@ -328,8 +346,12 @@ def moe_down_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, I, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        a = tl.load(a_row_ptrs[:, None] + offs_k[None, :], mask=mask_m[:, None], other=0.0)
-        w = _load_dequant(qw_ptr, s_ptr, z_ptr, k0, offs_k, offs_n, mask_n, H, I, group_size, BITS, HAS_ZEROS)
+        if EVEN_K:
+            a_mask = mask_m[:, None]
+        else:
+            a_mask = mask_m[:, None] & (offs_k[None, :] < I)
+        a = tl.load(a_row_ptrs[:, None] + offs_k[None, :], mask=a_mask, other=0.0)
+        w = _load_dequant(qw_ptr, s_ptr, z_ptr, k0, offs_k, offs_n, mask_n, H, I, group_size, BITS, HAS_ZEROS, EVEN_K)
         acc = _mma(acc, a, w, USE_DOT, DOT_FP32)
     if HAS_BIAS:
         expert = tl.load(group_eids_ptr + local_e).to(tl.int64)

@@ -65,6 +65,8 @@ def load_for_eval(model_folder: str | Path):
 
 def read_text(path: str | Path) -> str:
     p = Path(path)
+    if p.is_dir():
+        raise MoeCompressError(f"evaluation file {p} is a folder; pass a text file")
     if not p.is_file():
         raise MoeCompressError(f"evaluation file {p} does not exist")
     text = p.read_text(encoding="utf-8", errors="replace")

@@ -34,10 +34,11 @@ class CalibrationSpec:
         if not isinstance(self.source, str) or not self.source.strip():
             raise MoeCompressError("--calib is empty; name a built-in set, a .txt/.jsonl file, a folder, self or sample")
         if self.input_path() is None and self.source not in (*MODEL_SOURCES, "mixed", *list_builtin_sets()):
-            raise MoeCompressError(
-                f"--calib {self.source!r} is neither a file, a folder, nor a built-in set; "
-                f"built-in: {', '.join(['mixed', *list_builtin_sets(), *MODEL_SOURCES])}"
-            )
+            path = Path(self.source)
+            if any(sep in self.source for sep in ("/", "\\")) or path.suffix:
+                raise MoeCompressError(f"--calib {self.source}: calibration file or folder not found")
+            builtin = ", ".join(dict.fromkeys(["mixed", *list_builtin_sets(), *MODEL_SOURCES]))
+            raise MoeCompressError(f"--calib {self.source!r} is neither a file, a folder, nor a built-in set; built-in: {builtin}")
 
     def input_path(self) -> Path | None:
         """The file or folder the source reads, if it is one (an input of the output contract)."""

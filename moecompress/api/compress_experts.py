@@ -20,6 +20,7 @@ import moecompress
 from moecompress.api.calibration import CalibrationSpec, load_for_model, require_tokenizer
 from moecompress.api.job import JobResult, Progress, execute, model_label, require_float, require_int
 from moecompress.errors import MoeCompressError
+from moecompress.model.hub import resolve_model
 from moecompress.export.writer import CheckpointWriter, outer_state
 from moecompress.model.driver import LayerContext, run_layerwise
 from moecompress.model.loading import LayerwiseModel, read_config
@@ -71,6 +72,10 @@ class CompressExpertsOptions:
             raise MoeCompressError(f"--eval-data {self.eval_data} is not a file")
         self.calibration().validate()
         self.config().validate()
+        if self.n_ce == 0 and not self.dynamic_skip:
+            raise MoeCompressError(
+                "--n-ce 0 without --dynamic-skip changes nothing; give --n-ce >= 1 (compressed experts) or add --dynamic-skip"
+            )
 
 
 class CompressExpertsJob:
@@ -145,6 +150,7 @@ class CompressExpertsJob:
 def compress_experts(model: str | Path, out: str | Path, options: CompressExpertsOptions | None = None, *, overwrite: bool = False,
                      dry_run: bool = False, progress: Progress | None = None, announce=None, side_files=()) -> JobResult:
     """Compressed experts / dynamic skipping for ``model`` into ``out`` (a native checkpoint with report.md)."""
+    model = resolve_model(model)
     return execute(CompressExpertsJob(model, options or CompressExpertsOptions(), announce), out, overwrite, dry_run, progress, side_files)
 
 

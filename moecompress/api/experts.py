@@ -34,7 +34,8 @@ from typing import Callable
 import torch
 
 import moecompress
-from moecompress.calibration.stats import RouterStats, collect_stats
+from moecompress.calibration.collect import collect_stats
+from moecompress.calibration.stats_types import RouterStats
 from moecompress.errors import MoeCompressError
 from moecompress.export.standard import (
     check_expert_count,
@@ -75,6 +76,11 @@ class StatsSource:
     def validate(self) -> None:
         self.spec().validate()
         require_int("batch_size", self.batch_size, 1)
+        if self.stats_dir is not None and not Path(self.stats_dir).is_dir():
+            what = "is a file, not a folder" if Path(self.stats_dir).exists() else "does not exist"
+            raise MoeCompressError(
+                f"--stats {self.stats_dir} holds no stats.json: it {what}; write it with `moecompress stats` or drop --stats"
+            )
         if self.stats_dir is not None and not (Path(self.stats_dir) / "stats.json").is_file():
             raise MoeCompressError(f"--stats {self.stats_dir} holds no stats.json; write it with `moecompress stats` or drop --stats")
 

@@ -17,6 +17,7 @@ from moecompress.api.experts import MergeJob
 from moecompress.api.job import JobResult, Progress, execute
 from moecompress.api.prune import ExpertsCommonOptions
 from moecompress.errors import MoeCompressError
+from moecompress.model.hub import resolve_model
 from moecompress.passes.merge import DEFAULT_ROUTER_MODE, MergeConfig
 
 
@@ -53,4 +54,5 @@ class MergeOptions(ExpertsCommonOptions):
 def merge(model: str | Path, out: str | Path, options: MergeOptions, *, overwrite: bool = False, dry_run: bool = False,
           progress: Progress | None = None, announce=None, side_files=()) -> JobResult:
     """Merge ``model``'s experts into ``out`` (with kept_experts.json and report.md)."""
+    model = resolve_model(model)
     return execute(options.job(model, announce), out, overwrite, dry_run, progress, side_files)

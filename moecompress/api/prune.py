@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from moecompress.api.experts import EvalRequest, PruneJob, StatsSource
+from moecompress.model.hub import resolve_model
 from moecompress.api.job import JobResult, Progress, execute
 from moecompress.passes.prune import PruneConfig
 from moecompress.passes.refit import RefitConfig
@@ -82,4 +83,5 @@ class PruneOptions(ExpertsCommonOptions):
 def prune(model: str | Path, out: str | Path, options: PruneOptions, *, overwrite: bool = False, dry_run: bool = False,
           progress: Progress | None = None, announce=None, side_files=()) -> JobResult:
     """Prune ``model``'s experts into ``out`` (a standard checkpoint with kept_experts.json and report.md)."""
+    model = resolve_model(model)
     return execute(options.job(model, announce), out, overwrite, dry_run, progress, side_files)

@@ -19,6 +19,7 @@ from moecompress.api.calibration import CalibrationSpec, dummy_batch, load_for_m
 from moecompress.api.job import JobResult, Progress, execute, model_label, require_choice, require_float, require_int
 from moecompress.api.output import scratch_folder
 from moecompress.errors import MoeCompressError
+from moecompress.model.hub import resolve_model
 from moecompress.export.writer import CheckpointWriter, outer_state
 from moecompress.model.driver import LayerContext, run_layerwise
 from moecompress.model.loading import LayerwiseModel, read_config
@@ -244,6 +245,10 @@ class QuantizeJob:
         o.validate()
         lm = LayerwiseModel(self.model)  # meta skeleton: the folder, architecture and config are checked
         lm.require_dense("quantize")
+        from moecompress.passes.quantize import check_group_size_fits
+
+        # shapes only, before any work; compressed-tensors needs whole groups
+        check_group_size_fits(o.quantize_config(), lm.layers, lm.view.blocks, whole_groups=o.format == "compressed-tensors")
         if o.format == "compressed-tensors":
             from moecompress.export.compressed_tensors import check_no_expert_groups
 
@@ -254,6 +259,8 @@ class QuantizeJob:
             require_tokenizer(self.model, o.calibration())
         if o.stats is not None and not Path(o.stats).is_dir() and Path(o.stats).exists():
             raise MoeCompressError(f"--stats {o.stats} is not a folder")
+        if o.stats is not None and Path(o.stats).is_dir():
+            check_stats_folder(o.stats, lm, o.quantize_config(), o.mixed_precision_config())
 
     def write(self, stage: Path, progress: Progress | None) -> JobResult:
         o = self.options
@@ -333,6 +340,27 @@ class QuantizeJob:
         return result
 
 
+def check_stats_folder(folder: str | Path, lm: LayerwiseModel, qcfg: QuantizeConfig, mp) -> None:
+    """``--stats`` written for another model (or, for its profile, other settings) is refused before any
+    work -- before the profiling sweep, which would otherwise write its profile into that folder."""
+    from moecompress.passes.profile import ExpertProfile
+
+    shapes = {i: b.num_experts for i, b in lm.view.blocks.items()}
+    if (Path(folder) / "stats.json").is_file():
+        from moecompress.calibration.stats_types import RouterStats
+
+        stats = RouterStats.load(folder)
+        if {i: layer.num_experts for i, layer in stats.layers.items()} != shapes:
+            raise MoeCompressError(
+                f"--stats {folder} holds statistics of another model (its MoE layers or expert counts differ from "
+                f"{lm.folder}'s); collect statistics on this model (moecompress stats) or use another --stats folder"
+            )
+    if mp is not None and ExpertProfile.exists(folder):
+        from moecompress.passes.mixed_precision import _check_profile_matches
+
+        _check_profile_matches(ExpertProfile.load(folder), lm.folder, qcfg, mp, folder)
+
+
 def fallback_line(fallbacks, options: QuantizeOptions) -> str:
     """One console line for every expert that fell back (the details are in report.md)."""
     zero = sum(1 for r in fallbacks if r.tokens == 0)
@@ -349,6 +377,7 @@ def fallback_line(fallbacks, options: QuantizeOptions) -> str:
 def quantize(model: str | Path, out: str | Path, options: QuantizeOptions | None = None, *, overwrite: bool = False,
              dry_run: bool = False, progress: Progress | None = None, announce=None, side_files=()) -> JobResult:
     """Quantize ``model`` into ``out`` (a native or compressed-tensors checkpoint, with report.md)."""
+    model = resolve_model(model)
     return execute(QuantizeJob(model, options or QuantizeOptions(), announce), out, overwrite, dry_run, progress, side_files)
 
 

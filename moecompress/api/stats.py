@@ -14,6 +14,7 @@ from pathlib import Path
 from moecompress.api.calibration import CalibrationSpec, load_for_model, require_tokenizer
 from moecompress.api.job import JobResult, Progress, execute, require_float, require_int
 from moecompress.errors import MoeCompressError
+from moecompress.model.hub import resolve_model
 from moecompress.model.loading import LayerwiseModel
 
 
@@ -60,7 +61,8 @@ class StatsJob:
         require_tokenizer(self.model, o.calibration())
 
     def write(self, stage: Path, progress: Progress | None) -> JobResult:
-        from moecompress.calibration.stats import collect_stats, write_stats_report
+        from moecompress.calibration.collect import collect_stats
+        from moecompress.calibration.stats_report import write_stats_report
 
         o = self.options
         lm = LayerwiseModel(self.model)
@@ -82,4 +84,5 @@ class StatsJob:
 def stats(model: str | Path, out: str | Path, options: StatsOptions | None = None, *, overwrite: bool = False,
           dry_run: bool = False, progress: Progress | None = None, announce=None, side_files=()) -> JobResult:
     """Router statistics of ``model`` into the folder ``out``."""
+    model = resolve_model(model)
     return execute(StatsJob(model, options or StatsOptions(), announce), out, overwrite, dry_run, progress, side_files)

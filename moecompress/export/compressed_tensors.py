@@ -23,6 +23,14 @@ Our codes ``q`` in ``[0, 2**b)`` with zero point z dequantize to ``(q - z) * s``
 stores ``q_s = q - 2**(b-1)`` and ``z_s = z - 2**(b-1)`` (symmetric: ``z = 2**(b-1)``, ``z_s = 0``,
 not stored) and computes ``(q_s - z_s) * s`` - the same values.
 
+Any K: K is the TRUE input dimension (the module's ``in_features`` / ``hidden_size`` /
+``intermediate_size`` in the native config). Our padding rows (kpack-v2 pads K to a multiple of 32)
+are dropped before repacking; ``pack_to_int32`` packs the K codes densely (``ceil(K * b / 32)`` words,
+its own zero padding at the end of each row) and its decompressor crops to ``weight_shape``. What
+compressed-tensors cannot hold is a partial last group (its group quantization requires ``K % G == 0``):
+:func:`check_whole_groups` refuses such a checkpoint before anything is converted
+(``format.group_size_problem(..., whole_groups=True)``, the rule lint's CT103 checks).
+
 ``quantization_config``: one ``config_groups`` entry per scheme (width, group, symmetry), its
 ``targets`` anchored ``re:`` patterns naming exactly the modules it covers (disjoint by
 construction); routers, ``shared_expert_gate`` and ``lm_head`` listed in ``ignore``.
@@ -64,16 +72,18 @@ def repack_projection(
     zeros: torch.Tensor | None,
     bits: int,
     rows: slice = slice(None),
+    k: int | None = None,
 ) -> dict[str, torch.Tensor]:
     """One packed matrix in our format -> its compressed-tensors ``pack-quantized`` tensors.
 
-    qweight int32 ``[K*bits//32, N_all]``, scales float16 ``[K//G, N_all]``, zeros uint8 or None;
-    ``rows`` picks the output features (e.g. the gate rows of a fused gate_up). Returns
+    qweight int32 ``[Kp*bits//32, N_all]``, scales float16 ``[K//G, N_all]`` (whole groups:
+    :func:`check_whole_groups`), zeros uint8 or None; ``rows`` picks the output features (e.g. the gate
+    rows of a fused gate_up); ``k`` the true K (None: K = Kp, kpack-v1 data). Returns
     ``weight_packed [N, ceil(K*bits/32)]``, ``weight_scale [N, K//G]`` float32, ``weight_shape [2]``
-    and, when asymmetric, ``weight_zero_point [ceil(N*bits/32), K//G]``."""
+    = (N, K) and, when asymmetric, ``weight_zero_point [ceil(N*bits/32), K//G]``."""
     from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
 
-    codes = fmt.unpack(qweight, bits)[:, rows]  # [K, N]
+    codes = fmt.unpack(qweight, bits, k)[:, rows]  # [K, N]: padding rows dropped
     q = signed_codes(codes.t().contiguous(), bits)  # [N, K]
     out = {
         "weight_packed": pack_to_int32(q, bits),
@@ -218,8 +228,34 @@ def check_no_expert_groups(quantization_config: dict, where: str) -> None:
         )
 
 
+def projection_dims(d: dict) -> list[tuple[str, int, int]]:
+    """(projection, true K, group length G or -1) of every packed projection of one module description."""
+    if d["type"] == "experts":
+        return [("gate_up", d["hidden_size"], d["group_size"]), ("down", d["intermediate_size"], d["group_size"])]
+    if d["type"] == "linear":
+        return [("weight", d["in_features"], d["group_size"])]
+    return []
+
+
+def check_whole_groups(modules: dict[str, dict]) -> None:
+    """compressed-tensors' rule (``format.group_size_problem(..., whole_groups=True)``): every group is
+    whole, G divides K. A native checkpoint with a partial last group (allowed by kpack-v2) is refused
+    before anything is converted; any K itself is fine (the padding is dropped)."""
+    for path, d in modules.items():
+        for proj, k, g in projection_dims(d):
+            if g in (fmt.PER_CHANNEL, k):
+                continue  # per-channel: one whole group
+            problem = fmt.group_size_problem(k, g, whole_groups=True)
+            if problem is not None:
+                raise MoeCompressError(
+                    f"{path} ({proj}): {problem}; quantize again with such a --group-size, or use --format native"
+                )
+
+
 def check_exportable(modules: dict[str, dict], allow_mixed_layers: bool = False) -> None:
-    """vLLM's rules the export can guarantee up front: every expert quantized, one width per layer."""
+    """vLLM's rules the export can guarantee up front: whole groups (:func:`check_whole_groups`), every
+    expert quantized, one width per layer."""
+    check_whole_groups(modules)
     for path, d in modules.items():
         if d["type"] != "experts":
             continue
@@ -261,13 +297,14 @@ def _expert_tensors(path: str, d: dict, names, shard) -> tuple[dict[str, torch.T
         zeros_gu = get("gate_up_zeros") if not d["symmetric"] else None
         zeros_dn = get("down_zeros") if not d["symmetric"] else None
         qw_gu, sc_gu, qw_dn, sc_dn = get("gate_up_qweight"), get("gate_up_scales"), get("down_qweight"), get("down_scales")
+        h = d["hidden_size"]
         for slot, e in enumerate(ids):
             for proj, rows in parts:
                 z = None if zeros_gu is None else zeros_gu[slot]
-                for k, v in repack_projection(qw_gu[slot], sc_gu[slot], z, bits, rows).items():
+                for k, v in repack_projection(qw_gu[slot], sc_gu[slot], z, bits, rows, k=h).items():
                     out[f"{names[(e, proj)]}.{k}"] = v
             z = None if zeros_dn is None else zeros_dn[slot]
-            for k, v in repack_projection(qw_dn[slot], sc_dn[slot], z, bits).items():
+            for k, v in repack_projection(qw_dn[slot], sc_dn[slot], z, bits, k=i).items():
                 out[f"{names[(e, 'down')]}.{k}"] = v
             by_scheme[SchemeKey(bits, d["group_size"], d["symmetric"])].append(e)
     return out, by_scheme, dense
@@ -321,7 +358,10 @@ def convert_native_to_compressed_tensors(native: str | Path, target: str | Path,
                         groups[key].append(expert_targets(names, name, experts, d["num_experts"]))
                 else:
                     zeros = shard.get_tensor(f"{name}.zeros") if not d["symmetric"] else None
-                    for k, v in repack_projection(shard.get_tensor(f"{name}.qweight"), shard.get_tensor(f"{name}.scales"), zeros, d["bits"]).items():
+                    packed = repack_projection(
+                        shard.get_tensor(f"{name}.qweight"), shard.get_tensor(f"{name}.scales"), zeros, d["bits"], k=d["in_features"]
+                    )
+                    for k, v in packed.items():
                         tensors[f"{name}.{k}"] = v
                     if d.get("bias"):
                         tensors[f"{name}.bias"] = shard.get_tensor(f"{name}.bias")

@@ -20,7 +20,7 @@ VL301   vllm-moe-widths                  warning  vLLM's WNA16 MoE kernels take 
 ======  ===============================  ======== ==========================================================
 
 Exit codes of ``moecompress lint``: 0 no errors (warnings allowed), 1 findings with errors, 2 input
-that cannot be read.
+that cannot be read or is no compressed-tensors checkpoint at all (:func:`require_compressed_tensors`).
 """
 
 from __future__ import annotations
@@ -174,6 +174,23 @@ def _ignored(name: str, ignore: list[str], is_linear: bool) -> bool:
 # --------------------------------------------------------------------------------------------------
 
 
+def require_compressed_tensors(folder: str | Path) -> None:
+    """Refuse (one line, exit 2 in the CLI) a folder that is no compressed-tensors checkpoint at all: no
+    ``quantization_config``, or another method's (a dense model, a native moecompress checkpoint). A
+    config that claims compressed-tensors but is invalid is a CT100 finding instead."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise MoeCompressError(f"{folder} is not a folder; pass a checkpoint folder")
+    qc = _read_json(folder / "config.json").get("quantization_config")
+    method = qc.get("quant_method") if isinstance(qc, dict) else None
+    if method != "compressed-tensors":
+        what = "has no quantization_config" if qc is None else f"is quantized with {method!r}"
+        raise MoeCompressError(
+            f"{folder} is not a compressed-tensors checkpoint (its config.json {what}); lint checks the output of "
+            "moecompress quantize --format compressed-tensors"
+        )
+
+
 def lint_checkpoint(folder: str | Path) -> LintReport:
     """Lint the checkpoint at ``folder``; raises MoeCompressError when it cannot be read."""
     folder = Path(folder)
@@ -275,7 +292,8 @@ def _check_quantized_tensors(report: LintReport, modules, scheme_of, groups, ten
             report.add("CT106", m, "has weight_packed but no 2-element weight_shape")
             continue
         n, k = shape
-        problem = fmt.group_size_problem(k, args.group_size, packed=False) if args.strategy == "group" and args.group_size else None
+        # compressed-tensors' group quantization needs whole groups (no partial last group; any K packs)
+        problem = fmt.group_size_problem(k, args.group_size, whole_groups=True) if args.strategy == "group" and args.group_size else None
         if problem is not None:
             report.add("CT103", m, f"{problem} ({scheme_name})")
             continue

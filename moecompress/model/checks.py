@@ -7,13 +7,16 @@
 * :func:`check_finite` — NaN/Inf in a materialised module's weights (a corrupt checkpoint);
 * :func:`check_native_tensors` — a native (``quant_method: "moecompress"``) checkpoint lacking a tensor
   its ``quantization_config`` promises (the loader would leave it as uninitialised memory: NaN or
-  garbage far from the cause). Used by the layer-wise loader and by the HfQuantizer.
+  garbage far from the cause). Used by the layer-wise loader and by the HfQuantizer;
+* :func:`check_checkpoint_complete` — any checkpoint lacking a parameter the model has (the layer-wise
+  loader would find out only when it reaches that layer, after the work before it).
 
 Nothing here imports the runtime modules: the checks read configs, key lists and tensors only.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -180,14 +183,15 @@ def checkpoint_keys(files: Iterable[str | Path]) -> list[str]:
     return keys
 
 
-def check_native_tensors(model: nn.Module, quantization_config: dict, keys: Iterable[str], folder, mapping=None) -> None:
-    """Refuse a native checkpoint whose safetensors ``keys`` lack a tensor its config promises.
+# Per-expert checkpoint names (``experts.7.w1.weight``) of one layer all rename to the same fused tensor:
+# renaming one of them per layer is enough (a checkpoint may hold tens of thousands).
+_EXPERT_INDEX = re.compile(r"\.experts\.\d+\.")
 
-    Checkpoint keys are renamed as the loader renames them (``mapping``: the model's weight conversion
-    mapping, e.g. Mixtral's ``block_sparse_moe`` -> ``mlp``) before they are compared."""
-    promised = promised_tensors(model, quantization_config)
-    if not promised:
-        return
+
+def present_names(model: nn.Module, keys: Iterable[str], mapping=None) -> set[str]:
+    """The model-side names the checkpoint ``keys`` fill: each key as it is and as the loader renames
+    it (``mapping``: the model's weight conversion mapping, e.g. Mixtral's ``block_sparse_moe`` ->
+    ``mlp``, per-expert names -> fused experts)."""
     from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
 
     if mapping is None:
@@ -196,10 +200,41 @@ def check_native_tensors(model: nn.Module, quantization_config: dict, keys: Iter
         mapping = get_model_conversion_mapping(model)
     renamings = [m for m in mapping if isinstance(m, WeightRenaming)]
     converters = [m for m in mapping if isinstance(m, WeightConverter)]
-    present: set[str] = set()
-    for key in keys:
-        present.add(key)
-        present.add(rename_source_key(key, renamings, converters)[0])
+    present = set(keys)
+    by_template: dict[str, list[str]] = {}
+    for key in sorted(present):
+        by_template.setdefault(_EXPERT_INDEX.sub(".experts.0.", key), []).append(key)
+    for first, *others in by_template.values():
+        renamed = rename_source_key(first, renamings, converters)[0]
+        present.add(renamed)
+        if others and _EXPERT_INDEX.search(renamed):  # renamed per expert, not fused: rename each
+            present.update(rename_source_key(k, renamings, converters)[0] for k in others)
+    return present
+
+
+def check_checkpoint_complete(model: nn.Module, keys: Iterable[str], folder, mapping=None, optional: Iterable[str] = ()) -> None:
+    """Refuse a checkpoint whose safetensors ``keys`` fill no tensor for one of the model's parameters
+    (``model``: the skeleton, meta is fine; ``optional``: names that may be absent, e.g. a tied output
+    head). One expert missing from a fused stack is found when its layer is loaded."""
+    present = present_names(model, keys, mapping)
+    skip = set(optional)
+    missing = [name for name, _ in model.named_parameters() if name not in present and name not in skip]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise MoeCompressError(
+            f"checkpoint {folder} lacks {missing[0]}{more}: the checkpoint is incomplete (in none of its safetensors "
+            "files); re-download the model or re-run the command that wrote it"
+        )
+
+
+def check_native_tensors(model: nn.Module, quantization_config: dict, keys: Iterable[str], folder, mapping=None) -> None:
+    """Refuse a native checkpoint whose safetensors ``keys`` lack a tensor its config promises.
+
+    Checkpoint keys are renamed as the loader renames them (:func:`present_names`) before they are compared."""
+    promised = promised_tensors(model, quantization_config)
+    if not promised:
+        return
+    present = present_names(model, keys, mapping)
     missing = [name for name in promised if name not in present]
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""

@@ -37,14 +37,26 @@ class ModelSummary:
 
 def summarize(folder: str | Path, group_size: int = 128) -> ModelSummary:
     """Summary of a model folder; the skeleton is built on the meta device, so this is instant."""
+    from moecompress.quant.format import PER_CHANNEL, group_size_problem
+    from moecompress.validation import fail
+
+    if group_size_problem(None, group_size) is not None:
+        fail("--group-size", f"a positive group length or {PER_CHANNEL} (per-channel)", group_size)
     lm = LayerwiseModel(folder)
     view = lm.view
     first = view.blocks[view.moe_layers[0]]
-    total = sum(p.numel() for p in lm.model.parameters())
     routed = sum(b.experts.num_experts * b.experts.params_per_expert() for b in view.blocks.values())
+    # Logical weights, also for a native checkpoint, whose packed experts and linears hold int32 codes in
+    # buffers instead of parameters: routed experts from the view, packed linears from their description.
+    in_experts = {id(p) for b in view.blocks.values() for p in b.experts.module.parameters()}
+    packed_linears = sum(d["in_features"] * d["out_features"] + (d["out_features"] if d.get("bias") else 0)
+                         for d in lm.packed_modules.values() if d.get("type") == "linear")
+    total = sum(p.numel() for p in lm.model.parameters() if id(p) not in in_experts) + routed + packed_linears
     # A token computes at most top-k stored experts (fewer when an exact-router merge stores fewer than k).
     inactive = sum((b.num_experts - min(b.top_k, b.num_experts)) * b.experts.params_per_expert() for b in view.blocks.values())
     estimated = {}
+    if group_size == PER_CHANNEL:  # one scale per row: a group is the whole input dimension
+        group_size = first.experts.hidden_size
     for bits in SIZE_BITS:
         # Routed experts at `bits` (+ fp16 scale per group when quantized); everything else stays 16-bit.
         per_weight = 16 if bits == 16 else bits + 16 / group_size

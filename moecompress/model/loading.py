@@ -23,7 +23,13 @@ from transformers.core_model_loading import convert_and_load_state_dict_in_model
 from transformers.modeling_utils import LoadStateDictConfig
 
 from moecompress.errors import MoeCompressError, UnsupportedModelError
-from moecompress.model.checks import check_config_dtype, check_finite, check_native_tensors, check_routing_config
+from moecompress.model.checks import (
+    check_checkpoint_complete,
+    check_config_dtype,
+    check_finite,
+    check_native_tensors,
+    check_routing_config,
+)
 from moecompress.model.families import OUTPUT_HEAD
 from moecompress.model.view import MoEModelView, describe_model
 from moecompress.quant.hf_integration import native_config, rebuild_native_structure
@@ -53,6 +59,19 @@ class CheckpointIndex:
         for file in sorted(set(self.key_to_file.values())):
             if not file.exists():
                 raise MoeCompressError(f"checkpoint shard {file} is missing; re-download or re-save the model")
+        if index.exists():  # every tensor the index lists is in its shard (headers only: cheap)
+            by_file: dict[Path, list[str]] = {}
+            for key, file in self.key_to_file.items():
+                by_file.setdefault(file, []).append(key)
+            for file, keys in sorted(by_file.items()):
+                present = set(self._keys_of(file))
+                absent = [k for k in keys if k not in present]
+                if absent:
+                    more = f" (and {len(absent) - 1} more)" if len(absent) > 1 else ""
+                    raise MoeCompressError(
+                        f"checkpoint {folder} is incomplete: tensor {absent[0]}{more}, listed in {index.name}, is not in "
+                        f"{file.name}; re-download or re-save the model"
+                    )
         self._handles: dict[Path, object] = {}
 
     @staticmethod
@@ -171,6 +190,8 @@ class LayerwiseModel:
             # Every tensor the config promises must be in the shards: a missing one would be left as
             # uninitialised memory by to_empty() (NaN or garbage far from the cause).
             check_native_tensors(self.model, self.native, self.checkpoint.keys(), self.folder, self._mapping)
+        tied_head = [f"{OUTPUT_HEAD}.weight"] if getattr(self.config, "tie_word_embeddings", False) else []
+        check_checkpoint_complete(self.model, self.checkpoint.keys(), self.folder, self._mapping, optional=tied_head)
 
     @property
     def packed_modules(self) -> dict[str, dict]:

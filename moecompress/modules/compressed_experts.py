@@ -149,7 +149,7 @@ class PackedExpertSource:
             out.append(
                 fmt.dequantize(
                     getattr(m, f"w{bits}_{proj}_qweight")[slot], getattr(m, f"w{bits}_{proj}_scales")[slot],
-                    None if zeros is None else zeros[slot], bits, spec.group_for(k),
+                    None if zeros is None else zeros[slot], bits, spec.group_for(k), k=k,
                 )
             )
         return out[0], out[1]

@@ -22,9 +22,11 @@ import torch
 from transformers.quantizers.auto import register_quantizer
 from transformers.quantizers.base import HfQuantizer
 
+from moecompress.errors import MoeCompressError
 from moecompress.model.expert_groups import apply_expert_groups
 from moecompress.modules.compressed_experts import MODULE_TYPE, CompressedExpertsBlock
 from moecompress.modules.packed import ExpertsSpec, PackedExperts, PackedLinear
+from moecompress.quant.format import check_readable_format
 from moecompress.quant.hf_integration import QUANT_METHOD, register_native_structure
 
 __all__ = ["MoeCompressHfQuantizer", "apply_native_structure", "build_packed_module", "replace_modules"]
@@ -68,7 +70,13 @@ def replace_modules(model: torch.nn.Module, modules: dict[str, dict], dtype: tor
 
 def apply_native_structure(model: torch.nn.Module, quantization_config: dict, dtype: torch.dtype) -> None:
     """Turn a freshly built (``meta``) skeleton into the structure a native checkpoint holds: packed
-    and wrapped modules first, then expert -> group maps (which may sit on a packed module)."""
+    and wrapped modules first, then expert -> group maps (which may sit on a packed module).
+
+    Refuses a packing format this version cannot read (``quant.format.READABLE_FORMATS``)."""
+    try:
+        check_readable_format(quantization_config.get("format"))
+    except ValueError as error:
+        raise MoeCompressError(str(error)) from None
     replace_modules(model, quantization_config.get("modules", {}), dtype)
     apply_expert_groups(model, quantization_config.get("expert_groups", {}))
 

@@ -84,10 +84,12 @@ class PackedExperts(nn.Module):
                 continue
             for proj, (n, k) in (("gate_up", (n_in, h)), ("down", (h, i))):
                 g = spec.group_for(k)
-                self.register_buffer(f"w{bits}_{proj}_qweight", torch.zeros(len(ids), k * bits // 32, n, dtype=torch.int32))
-                self.register_buffer(f"w{bits}_{proj}_scales", torch.zeros(len(ids), k // g, n, dtype=torch.float16))
+                # format.py's shapes: K padded to 32 in qweight, ceil(K / G) groups; the true K is the spec's.
+                rows, groups = fmt.packed_rows(k, bits), fmt.num_groups(k, g)
+                self.register_buffer(f"w{bits}_{proj}_qweight", torch.zeros(len(ids), rows, n, dtype=torch.int32))
+                self.register_buffer(f"w{bits}_{proj}_scales", torch.zeros(len(ids), groups, n, dtype=torch.float16))
                 if not spec.symmetric:
-                    self.register_buffer(f"w{bits}_{proj}_zeros", torch.zeros(len(ids), k // g, n, dtype=torch.uint8))
+                    self.register_buffer(f"w{bits}_{proj}_zeros", torch.zeros(len(ids), groups, n, dtype=torch.uint8))
         if spec.has_bias:
             self.register_buffer("gate_up_bias", torch.zeros(e, n_in, dtype=dtype))
             self.register_buffer("down_bias", torch.zeros(e, h, dtype=dtype))
@@ -103,11 +105,12 @@ class PackedExperts(nn.Module):
             if bits == UNQUANTIZED:
                 continue
 
-            def proj(name: str) -> fmt.PackedProjection:
+            def proj(name: str, k: int) -> fmt.PackedProjection:
                 return fmt.PackedProjection(
                     getattr(self, f"w{bits}_{name}_qweight"),
                     getattr(self, f"w{bits}_{name}_scales"),
                     getattr(self, f"w{bits}_{name}_zeros", None),
+                    k,
                 )
 
             groups.append(
@@ -116,8 +119,8 @@ class PackedExperts(nn.Module):
                     group_size=self.spec.group_for(self.spec.hidden_size),
                     down_group_size=self.spec.group_for(self.spec.intermediate_size),
                     expert_ids=getattr(self, f"w{bits}_expert_ids"),
-                    gate_up=proj("gate_up"),
-                    down=proj("down"),
+                    gate_up=proj("gate_up", self.spec.hidden_size),
+                    down=proj("down", self.spec.intermediate_size),
                 )
             )
         return groups
@@ -181,11 +184,11 @@ class PackedLinear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.bits, self.symmetric = bits, symmetric
         self.group_size = fmt.resolve_group_size(in_features, group_size)
-        g = self.group_size
-        self.register_buffer("qweight", torch.zeros(in_features * bits // 32, out_features, dtype=torch.int32))
-        self.register_buffer("scales", torch.zeros(in_features // g, out_features, dtype=torch.float16))
+        rows, groups = fmt.packed_rows(in_features, bits), fmt.num_groups(in_features, self.group_size)
+        self.register_buffer("qweight", torch.zeros(rows, out_features, dtype=torch.int32))
+        self.register_buffer("scales", torch.zeros(groups, out_features, dtype=torch.float16))
         if not symmetric:
-            self.register_buffer("zeros", torch.zeros(in_features // g, out_features, dtype=torch.uint8))
+            self.register_buffer("zeros", torch.zeros(groups, out_features, dtype=torch.uint8))
         if bias:
             self.register_buffer("bias", torch.zeros(out_features, dtype=dtype))
         else:
@@ -207,6 +210,8 @@ class PackedLinear(nn.Module):
         from moecompress.kernels import dequant_gemm_dispatch
 
         shape = x.shape
+        if shape[-1] != self.in_features:  # the kernels take K from x: qweight only bounds it (padded rows)
+            raise ValueError(f"input has {shape[-1]} features, this packed linear takes {self.in_features}")
         y = dequant_gemm_dispatch(
             x.reshape(-1, shape[-1]), self.qweight, self.scales, getattr(self, "zeros", None), self.bits, self.group_size, self.bias
         )

@@ -61,7 +61,8 @@ from moecompress.algorithms.merging import (
     merged_router_rows,
     regmean_dtype,
 )
-from moecompress.calibration.stats import LayerStats, RouterStats, routing_call_args
+from moecompress.calibration.collect import routing_call_args
+from moecompress.calibration.stats_types import LayerStats, RouterStats
 from moecompress.errors import MoeCompressError
 from moecompress.export.standard import resize_experts, router_with_rows, routing_groups, set_router_rows
 from moecompress.model.driver import LayerContext

@@ -2,7 +2,7 @@
 
 Per MoE layer (``PrunePass.process``, called by the layer-by-layer driver):
 
-1. scores from the layer's :class:`~moecompress.calibration.stats.LayerStats` — ``frequency``: share
+1. scores from the layer's :class:`~moecompress.calibration.stats_types.LayerStats` — ``frequency``: share
    of top-k selections; ``reap``: REAP saliency ``mean_{t in X_e} g_e(t) ||f_e(t)||``; ``dern``:
    DERN importance ``(1/T) sum_t 1[e in topk(t)] g_e(t)`` with g the routing weight the model applies
    (normalised top-k weights where the family normalises; DeepSeek's ``routed_scaling_factor`` scales
@@ -38,7 +38,7 @@ from moecompress.algorithms.pruning import (
     reap_scores,
     select_experts,
 )
-from moecompress.calibration.stats import LayerStats, RouterStats
+from moecompress.calibration.stats_types import LayerStats, RouterStats
 from moecompress.errors import MoeCompressError
 from moecompress.export.standard import resize_experts, routing_groups
 from moecompress.model.driver import LayerContext

@@ -38,7 +38,7 @@ from moecompress.model.driver import LayerContext
 from moecompress.model.view import ExpertsView, MoEBlockView
 from moecompress.quant.gptq import accumulate_hessian, gptq_quantize, make_empty_hessian
 from moecompress.quant.grid import QuantResult, QuantSpec, rtn
-from moecompress.quant.format import SUPPORTED_BITS, can_pack
+from moecompress.quant.format import SUPPORTED_BITS, group_size_problem
 from moecompress.modules.packed import UNQUANTIZED, ExpertsSpec, PackedExperts, PackedLinear
 from moecompress.validation import check_choice, check_float, check_int
 
@@ -259,6 +259,44 @@ def _write_gate_up(experts: ExpertsView, e: int, gate_up: torch.Tensor) -> None:
 # --------------------------------------------------------------------------------------------------
 
 
+def linears_to_quantize(cfg: QuantizeConfig, layer: nn.Module, block: MoEBlockView | None) -> dict[str, tuple[nn.Linear, int]]:
+    """name (relative to the decoder layer) -> (module, bits) for the attention and shared-expert
+    linears ``cfg`` quantizes (works on the meta skeleton: shapes only)."""
+    chosen = {}
+    shared_bits = cfg.shared_expert_bits if cfg.shared_expert_bits is not None else cfg.bits
+    for name, module in layer.named_modules():
+        if not isinstance(module, nn.Linear):
+            continue
+        if block is not None and name.startswith(block.block_name + "."):
+            rel = name[len(block.block_name) + 1 :]
+            if block.shared_name and rel.startswith(block.shared_name + ".") and shared_bits != UNQUANTIZED:
+                chosen[name] = (module, shared_bits)
+            continue  # routers, shared_expert_gate: never quantized
+        if ".self_attn." in f".{name}." or name.startswith("self_attn") or "attn" in name.split(".")[0]:
+            if cfg.attention_bits is not None and cfg.attention_bits != UNQUANTIZED:
+                chosen[name] = (module, cfg.attention_bits)
+    return chosen  # every input dimension packs (kpack-v2 pads K to a multiple of 32)
+
+
+def check_group_size_fits(cfg: QuantizeConfig, layers: nn.Module, blocks: dict, whole_groups: bool = False) -> None:
+    """Before any work: ``cfg.group_size`` suits (``format.group_size_problem``: at most K; a partial last
+    group is fine) the input dimension K of every matrix the pass will pack -- the routed experts' H
+    and I, and each quantized attention or shared-expert linear. ``whole_groups``: G must also divide
+    every K (what a compressed-tensors export needs). The refusal names the first matrix refused and
+    suggests sizes that suit every matrix of the model. ``layers``: the decoder layers (meta is fine);
+    ``blocks``: layer -> MoE block view."""
+    dims: list[tuple[int, str, int]] = []
+    for index, layer in enumerate(layers):
+        block = blocks.get(index)
+        if block is not None:
+            dims += [(index, "experts", block.experts.hidden_size), (index, "experts", block.experts.intermediate_size)]
+        dims += [(index, name, module.in_features) for name, (module, _) in linears_to_quantize(cfg, layer, block).items()]
+    for index, name, k in dims:
+        if group_size_problem(k, cfg.group_size, whole_groups) is not None:
+            problem = group_size_problem([k, *(d[2] for d in dims)], cfg.group_size, whole_groups)
+            raise MoeCompressError(f"--group-size: {problem} (layer {index} {name})")
+
+
 class QuantizePass:
     """LayerPass quantizing routed experts (and optionally attention / shared experts) of each layer."""
 
@@ -276,21 +314,7 @@ class QuantizePass:
 
     def _linears_to_quantize(self, ctx: LayerContext) -> dict[str, tuple[nn.Linear, int]]:
         """name (relative to the layer) -> (module, bits) for attention and shared-expert linears."""
-        chosen = {}
-        block = ctx.block
-        shared_bits = self.cfg.shared_expert_bits if self.cfg.shared_expert_bits is not None else self.cfg.bits
-        for name, module in ctx.layer.named_modules():
-            if not isinstance(module, nn.Linear):
-                continue
-            if block is not None and name.startswith(block.block_name + "."):
-                rel = name[len(block.block_name) + 1 :]
-                if block.shared_name and rel.startswith(block.shared_name + ".") and shared_bits != UNQUANTIZED:
-                    chosen[name] = (module, shared_bits)
-                continue  # routers, shared_expert_gate: never quantized
-            if ".self_attn." in f".{name}." or name.startswith("self_attn") or "attn" in name.split(".")[0]:
-                if self.cfg.attention_bits is not None and self.cfg.attention_bits != UNQUANTIZED:
-                    chosen[name] = (module, self.cfg.attention_bits)
-        return {n: v for n, v in chosen.items() if can_pack(v[0].in_features)}  # others stay dense
+        return linears_to_quantize(self.cfg, ctx.layer, ctx.block)
 
     def attach(self, ctx: LayerContext) -> list:
         handles = []

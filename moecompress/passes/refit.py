@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import torch
 
 from moecompress.algorithms.refit import dense_routing_weights, refit_down_projections
-from moecompress.calibration.stats import routing_call_args
+from moecompress.calibration.collect import routing_call_args
 from moecompress.model.driver import LayerContext
 from moecompress.model.view import MoEBlockView
 from moecompress.validation import check_float, check_int

@@ -67,6 +67,26 @@ def _validate_job(p: Pipeline, index: int, job) -> None:
         raise PipelineError(f"{p.path}:{p.passes[index].line}: pass {p.passes[index].name}: {exc}") from None
 
 
+# Passes whose checks of the model read only what no earlier pass changes (layer shapes, MoE layers,
+# top-k, the tokenizer): they are checked on the original model before the first pass runs.
+SHAPE_CHECKED = ("quantize", "stats", "compress_experts")
+
+
+def _prevalidate_later_passes(p: Pipeline, model: Path) -> None:
+    """Check passes 2.. against the original model before any work, where that check means the same as
+    on the model the pass will read: always for :data:`SHAPE_CHECKED` passes (a statistics folder
+    named for a model an earlier prune or merge changed is left to the pass's own start), and for
+    prune and merge while no earlier pass changed the experts. Each pass is checked again when it starts."""
+    experts_changed = False
+    for i, step in enumerate(p.passes):
+        if i > 0 and (step.name in SHAPE_CHECKED or not experts_changed):
+            options = step_options(p, i, None)
+            if experts_changed and getattr(options, "stats", None) is not None:
+                options = dataclasses.replace(options, stats=None)
+            _validate_job(p, i, PASSES[step.name].make_job(model, options))
+        experts_changed = experts_changed or step.name in CHANGES_EXPERTS
+
+
 @dataclass
 class StepRecord:
     name: str
@@ -78,14 +98,17 @@ class PipelineJob:
     command = "run"
 
     def __init__(self, p: Pipeline, echo=print, progress_factory=None):
+        from moecompress.model.hub import resolve_model
+
         self.p = p
+        self.model = resolve_model(p.model)  # a folder, or a Hub id fetched into the cache
         self.echo = echo
         self.progress_factory = progress_factory
 
     def inputs(self):
         p = self.p
         calib = p.calibration.get("source")
-        paths = [("model", p.model), ("pipeline file", p.path)]
+        paths = [("model", self.model), ("pipeline file", p.path)]
         if calib and Path(calib).exists():
             paths.append(("calibration source", calib))
         paths += [("evaluation data", d) for d in (p.eval or {}).get("data", [])]
@@ -97,7 +120,7 @@ class PipelineJob:
 
         from moecompress.evaluate import check_eval_options
 
-        read_config(self.p.model)
+        read_config(self.model)
         if self.p.eval:
             try:
                 check_eval_options(self.p.eval.get("seqlen", 256), self.p.eval.get("max_tokens"), 8)
@@ -107,7 +130,8 @@ class PipelineJob:
             if not Path(data).is_file():
                 raise PipelineError(f"{self.p.path}: eval data {data} is not a file")
         _validate_options(self.p)
-        _validate_job(self.p, 0, PASSES[self.p.passes[0].name].make_job(self.p.model, step_options(self.p, 0, None)))
+        _validate_job(self.p, 0, PASSES[self.p.passes[0].name].make_job(self.model, step_options(self.p, 0, None)))
+        _prevalidate_later_passes(self.p, self.model)
 
     def write(self, stage: Path, progress: Progress | None) -> JobResult:
         from moecompress.evaluate import evaluate, folder_bytes
@@ -115,7 +139,7 @@ class PipelineJob:
         p = self.p
         work = stage / "work"
         work.mkdir()
-        current, stats_dir = Path(p.model), None
+        current, stats_dir = self.model, None
         records: list[StepRecord] = []
         reports = stage / "reports"
         for i, step in enumerate(p.passes):
@@ -127,7 +151,7 @@ class PipelineJob:
             if source is not None and stats_dir is not None and source.stats_dir == str(stats_dir):
                 job.source = dataclasses.replace(source, stats_label=f"the statistics pass of this pipeline")
             if i > 0:
-                job.model_label = f"the output of the pass before ({p.passes[i - 1].name})" if current != Path(p.model) else p.model
+                job.model_label = f"the output of the pass before ({p.passes[i - 1].name})" if current != self.model else p.model
             if i > 0:
                 _validate_job(p, i, job)
             self.echo(f"[{i + 1}/{len(p.passes)}] {step.name}")
@@ -148,7 +172,7 @@ class PipelineJob:
         evals = []
         for data in (p.eval or {}).get("data", []):
             kw = {"seqlen": p.eval.get("seqlen", 256), "max_tokens": p.eval.get("max_tokens")}
-            before = evaluate(p.model, data, **kw)
+            before = evaluate(self.model, data, **kw)
             after = evaluate(stage, data, **kw)
             evals.append({"data": str(data), "ppl_before": before.ppl, "ppl_after": after.ppl, "tokens": after.tokens})
         summary = {
@@ -156,7 +180,7 @@ class PipelineJob:
             "model": p.model,
             "output": p.export["output"],
             "format": p.export["format"],
-            "input_bytes": folder_bytes(Path(p.model)),
+            "input_bytes": folder_bytes(self.model),
             "output_bytes": folder_bytes(stage),
             "passes": [{"name": r.name, "output_bytes": r.output_bytes} for r in records],
             "eval": evals,

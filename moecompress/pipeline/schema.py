@@ -50,6 +50,15 @@ CALIBRATION_FIELDS = {"source": "calib", "nsamples": "nsamples", "seqlen": "seql
 # them no longer describe the model, and nothing may prune a quantized (packed) model.
 CHANGES_EXPERTS = ("prune", "merge")
 PACKS_WEIGHTS = ("quantize",)
+# Passes whose output is a native moecompress checkpoint (packed or wrapped modules), which
+# export.format hf (a plain transformers checkpoint) cannot hold.
+WRITES_NATIVE = ("quantize", "compress_experts")
+# String fields that hold a comma-separated list: YAML may give them as a list ([2, 3, 4]). Any other
+# string field given as a list or mapping is refused.
+COMMA_LIST_FIELDS = ("bit_choices",)
+# Section keys whose null means "not given" (their default is None); any other null is refused.
+NULLABLE_KEYS = {"eval": ("max_tokens",)}
+_TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "true or false", list: "a list"}
 
 
 class PipelineError(MoeCompressError):
@@ -136,18 +145,27 @@ def _err(path: Path, node, message: str) -> PipelineError:
     return PipelineError(f"{path}:{line}: {message}")
 
 
-def _scalar(path: Path, node, expected: type, where: str):
+def _kind(node) -> str:
+    return "a list" if isinstance(node, yaml.SequenceNode) else "a mapping" if isinstance(node, yaml.MappingNode) else "a scalar"
+
+
+def _scalar(path: Path, node, expected: type, where: str, comma_list: bool = False):
+    """The value of ``node`` as ``expected``; None for null. ``comma_list``: a string field holding a
+    comma-separated list, which may also be given as a YAML list of scalars."""
     if expected is list:
         if isinstance(node, yaml.SequenceNode):
-            return [_scalar(path, n, str, where) for n in node.value]
+            return [_scalar(path, n, str, f"{where} item") for n in node.value]
         if isinstance(node, yaml.ScalarNode):
-            return [yaml.safe_load(node.value)] if node.value else []
-        raise _err(path, node, f"{where} must be a list")
+            value = yaml.safe_load(yaml.serialize(node)) if node.value != "" else None
+            return [] if value is None else [str(value)]
+        raise _err(path, node, f"{where} must be a list, got {_kind(node)}")
     if not isinstance(node, yaml.ScalarNode):
-        if isinstance(node, yaml.SequenceNode) and expected is str:
-            return ",".join(str(_scalar(path, n, str, where)) for n in node.value)
-        raise _err(path, node, f"{where} must be a {expected.__name__}")
-    value = yaml.safe_load(yaml.serialize(node)) if node.value != "" else None
+        if isinstance(node, yaml.SequenceNode) and expected is str and comma_list:
+            return ",".join(str(_scalar(path, n, str, f"{where} item")) for n in node.value)
+        name = _TYPE_NAMES.get(expected, f"a {expected.__name__}")
+        hint = " (a comma-separated string or a list)" if comma_list else ""
+        raise _err(path, node, f"{where} must be {name}{hint}, got {_kind(node)}")
+    value = yaml.safe_load(yaml.serialize(node)) if node.value != "" or node.style is not None else None  # '' is a string
     if value is None:
         return None
     if expected is bool and not isinstance(value, bool):
@@ -181,16 +199,25 @@ def _typed_section(path: Path, node, schema: dict[str, type], where: str) -> dic
     for k, v in _mapping(path, node, where):
         if k.value not in schema:
             raise _err(path, k, f"unknown key {k.value!r} in {where}; allowed: {', '.join(schema)}")
-        out[k.value] = _scalar(path, v, schema[k.value], f"{where}.{k.value}")
+        value = _scalar(path, v, schema[k.value], f"{where}.{k.value}")
+        if value is None and k.value not in NULLABLE_KEYS.get(where, ()):
+            raise _err(path, v, f"{where}.{k.value} must be {_TYPE_NAMES[schema[k.value]]}, got null; leave the key out for its default")
+        out[k.value] = value
     return out
 
 
 def load_pipeline(path: str | Path, schemas: dict[str, PassSchema]) -> Pipeline:
     path = Path(path)
+    if path.is_dir():
+        raise PipelineError(f"pipeline file {path} is a folder; pass the pipeline's YAML file")
     if not path.is_file():
         raise PipelineError(f"pipeline file {path} does not exist")
     try:
-        root = yaml.compose(path.read_text())
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise PipelineError(f"{path}: not a UTF-8 text file ({exc.reason} at byte {exc.start}); save the pipeline as UTF-8 YAML") from None
+    try:
+        root = yaml.compose(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = mark.line + 1 if mark else 1
@@ -214,17 +241,31 @@ def load_pipeline(path: str | Path, schemas: dict[str, PassSchema]) -> Pipeline:
     if isinstance(export_node, yaml.SequenceNode):
         raise _err(path, export_node, "only one export is allowed; 'export' must be a single mapping")
     export = _typed_section(path, export_node, EXPORT_KEYS, "export")
-    if "output" not in export:
+    if not export.get("output"):
         raise _err(path, export_node, "export needs 'output': the folder to write")
     export.setdefault("format", "native")
     export.setdefault("overwrite", False)
     if export["format"] not in EXPORT_FORMATS:
         raise _err(path, export_node, f"export.format {export['format']!r} unknown; allowed: {', '.join(EXPORT_FORMATS)}")
     eval_cfg = _typed_section(path, top["eval"][1], EVAL_KEYS, "eval") if "eval" in top else None
+    if eval_cfg is not None:
+        _check_eval(path, top["eval"][1], eval_cfg)
     passes = _load_passes(path, top.get("passes", (None, None))[1], schemas)
     pipeline = Pipeline(path, model, calibration, passes, export, eval_cfg)
     _check_order(pipeline, top.get("passes", (None, None))[1])
     return pipeline
+
+
+def _check_eval(path: Path, node, eval_cfg: dict) -> None:
+    """The eval section's values (types were checked): data to measure, a chunk length, a token limit."""
+    if not eval_cfg.get("data"):
+        raise _err(path, node, "eval needs 'data': a list of text files to measure perplexity on")
+    seqlen = eval_cfg.get("seqlen", 256)
+    if seqlen < 2:
+        raise _err(path, node, f"eval.seqlen must be an integer >= 2 (tokens per chunk), got {seqlen}")
+    max_tokens = eval_cfg.get("max_tokens")
+    if max_tokens is not None and max_tokens < seqlen:
+        raise _err(path, node, f"eval.max_tokens must hold at least one chunk of eval.seqlen ({seqlen}), got {max_tokens}")
 
 
 def _load_passes(path: Path, node, schemas: dict[str, PassSchema]) -> list[PassStep]:
@@ -234,6 +275,8 @@ def _load_passes(path: Path, node, schemas: dict[str, PassSchema]) -> list[PassS
         raise _err(path, node, "'passes' must be a non-empty list of '- pass_name: {fields}' items")
     steps = []
     for item in node.value:
+        if isinstance(item, yaml.ScalarNode) and item.value:
+            raise _err(path, item, f"pass {item.value!r} needs a colon and its fields, e.g. '- {item.value}: {{}}'")
         entries = _mapping(path, item, "a pass")
         if len(entries) != 1:
             raise _err(path, item, "each pass item must have exactly one pass name, e.g. '- quantize: {bits: 4}'")
@@ -245,7 +288,12 @@ def _load_passes(path: Path, node, schemas: dict[str, PassSchema]) -> list[PassS
         for fk, fv in _mapping(path, v, f"pass {k.value}"):
             if fk.value not in schema.fields:
                 raise _err(path, fk, f"unknown field {fk.value!r} for pass {k.value}; allowed: {', '.join(schema.fields)}")
-            fields[fk.value] = _scalar(path, fv, schema.fields[fk.value][0], f"{k.value}.{fk.value}")
+            kind, default = schema.fields[fk.value]
+            value = _scalar(path, fv, kind, f"{k.value}.{fk.value}", comma_list=fk.value in COMMA_LIST_FIELDS)
+            if value is None and default is not None:
+                raise _err(path, fv, f"{k.value}.{fk.value} must be {_TYPE_NAMES.get(kind, kind.__name__)}, got null; "
+                                     f"leave the field out for its default ({default!r})")
+            fields[fk.value] = value
         steps.append(PassStep(k.value, fields, k.start_mark.line + 1))
     return steps
 
@@ -264,6 +312,13 @@ def _check_order(p: Pipeline, node) -> None:
             raise PipelineError(f"{p.path}:{step.line}: quantize appears twice (first on line {packed_at.line})")
     if p.export["format"] == "compressed-tensors" and packed_at is None:
         raise PipelineError(f"{p.path}: export.format compressed-tensors needs a quantize pass")
+    native = next((s for s in p.passes if s.name in WRITES_NATIVE), None)
+    if p.export["format"] == "hf" and native is not None:
+        raise PipelineError(
+            f"{p.path}:{native.line}: export.format hf writes a plain transformers checkpoint, but pass {native.name} writes "
+            "packed or wrapped modules (a native checkpoint); use format: native"
+            + (" or compressed-tensors" if native.name == "quantize" else "")
+        )
     _check_expert_groups(p)
     if not any(PASSES[s.name].produces_model for s in p.passes):
         raise PipelineError(f"{p.path}: no pass writes a model to export")

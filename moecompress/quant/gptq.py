@@ -1,6 +1,7 @@
 """GPTQ as plain tensor functions (after IST-DASLab/gptq ``gptq.py`` and llm-compressor's verbs).
 
-Shape legend: T calibration tokens, N out features, K in features, G group size along K,
+Shape legend: T calibration tokens, N out features, K in features, G group size along K
+(``ceil(K / G)`` groups, the last one partial when G does not divide K: the packed format's rule),
 B columns per lazy-update block.
 
 Two verbs: :func:`accumulate_hessian` (called from whatever hook sees a layer's inputs) builds
@@ -142,10 +143,11 @@ def gptq_quantize(
     if static is not None:
         scales, zeros = static
     else:  # filled group by group as the solver enters each one
-        scales = torch.empty(n, k // g, dtype=torch.float32, device=w.device)
+        scales = torch.empty(n, -(-k // g), dtype=torch.float32, device=w.device)  # ceil(K / G) groups
         zeros = None if spec.symmetric else torch.empty_like(scales)
     col_spec = QuantSpec(spec.bits, 1, spec.symmetric)  # one column on its own group's grid
     group_spec = QuantSpec(spec.bits, g, spec.symmetric, spec.clip_search)  # one [N, G] group
+    last_spec = QuantSpec(spec.bits, -1, spec.symmetric, spec.clip_search)  # one [N, K - (ng-1) G] group
     group_of = [c // g for c in perm.tolist()]  # group of the column at each permuted position
     loss = torch.zeros((), dtype=torch.float64, device=w.device)
     for b0 in range(0, k, block_size):
@@ -157,7 +159,8 @@ def gptq_quantize(
             grp = group_of[j]
             if static is None and j % g == 0:  # entering a group: fit it to the updated columns
                 current = _updated_columns(w, w_blk, err_blk, u, b0, i, g)
-                s_new, z_new = compute_qparams(current, group_spec)
+                # A partial last group (G does not divide K) is one group of its remaining columns.
+                s_new, z_new = compute_qparams(current, group_spec if current.shape[1] == g else last_spec)
                 scales[:, grp] = s_new[:, 0]
                 if zeros is not None:
                     zeros[:, grp] = z_new[:, 0]
@@ -181,7 +184,8 @@ def gptq_quantize(
 def _updated_columns(
     w: torch.Tensor, w_blk: torch.Tensor, err_blk: torch.Tensor, u: torch.Tensor, b0: int, i: int, g: int
 ) -> torch.Tensor:
-    """The G columns starting at block offset i, with every error propagated so far: ``[N, G]``.
+    """The G columns starting at block offset i, with every error propagated so far: ``[N, G]``
+    (fewer for a partial last group: slices stop at K).
 
     Columns inside the block are current in ``w_blk``; columns past the block still owe this
     block's pending update from the i columns already quantized.

@@ -1,7 +1,8 @@
 """The quantization grid: specs, scales/zeros, codes, round-to-nearest.
 
 Shape legend: N out features, K in features, G group size along K (``G == K`` per-channel),
-``K // G`` groups per row. Every function accepts leading batch dimensions ``[..., N, K]`` (a stack
+``ng = ceil(K / G)`` groups per row, the last one partial when G does not divide K (the packed
+format's rule, :mod:`moecompress.quant.format`: groups are columns ``[j*G, min((j+1)*G, K))``). Every function accepts leading batch dimensions ``[..., N, K]`` (a stack
 of experts ``[E, N, K]`` quantizes in one call); the GPTQ solver uses them on plain ``[N, K]``.
 
 Grid conventions (chosen to match :mod:`moecompress.quant.format`, compressed-tensors and GPTQ):
@@ -17,6 +18,10 @@ Grid conventions (chosen to match :mod:`moecompress.quant.format`, compressed-te
   minimum ``2**-14`` (all-zero groups never give a zero, subnormal or NaN scale) and capped at the
   float16 maximum. Because the packed format stores scales as float16 and zeros as uint8, the
   in-memory dequantized weight equals ``format.dequantize(pack(...))`` bit for bit.
+* A partial last group is computed as a full group zero-padded to G columns. The padding changes
+  nothing: zero is always inside the group's range (symmetric ``max|w|``, asymmetric
+  ``[min(w, 0), max(w, 0)]``), and a zero weight rounds to code z, so its error is exactly 0 in the
+  clip search too. Codes of the padding are dropped before anything returns.
 """
 
 from __future__ import annotations
@@ -65,27 +70,37 @@ class QuantSpec:
         return k if self.group_size == fmt.PER_CHANNEL else self.group_size
 
     def groups(self, k: int) -> int:
-        """Number of groups K // G per row."""
-        return k // self.resolved_group(k)
+        """Number of groups ceil(K / G) per row (the last one partial when G does not divide K)."""
+        return fmt.num_groups(k, self.resolved_group(k))
 
     def validate(self, k: int, packable: bool = False) -> None:
         """Raise MoeCompressError when a matrix with K inputs cannot be quantized with this spec.
 
-        Checks bits and the group-size rule (``format.group_size_problem``: G divides K); with
-        ``packable=True`` also the packed format's rule (K a multiple of 32), i.e. exactly
-        ``format.check_packable``. Call it with ``packable=True`` before a long calibration whose
-        result will be packed, so the error comes first.
+        Checks bits and the group-size rule (``format.group_size_problem``: -1 or 1 <= G <= K). The
+        grid and the packed format share that rule (every K packs), so what passes here packs:
+        ``packable`` is accepted for the callers that say so and changes nothing. Call it before a
+        long calibration whose result will be packed, so the error comes first.
         """
         if self.bits not in fmt.SUPPORTED_BITS:
             raise MoeCompressError(f"bits must be one of {fmt.SUPPORTED_BITS}, got {self.bits}")
-        problem = fmt.group_size_problem(k, self.group_size, packed=packable)
+        problem = fmt.group_size_problem(k, self.group_size)
         if problem is not None:
             raise MoeCompressError(problem)
 
 
 def _split_groups(w: torch.Tensor, g: int) -> torch.Tensor:
-    """``[..., N, K]`` -> ``[..., N, K // G, G]`` (a view when contiguous)."""
-    return w.reshape(*w.shape[:-1], w.shape[-1] // g, g)
+    """``[..., N, K]`` -> ``[..., N, ng, G]``, a partial last group zero-padded (a view when G divides K)."""
+    k = w.shape[-1]
+    ng = fmt.num_groups(k, g)
+    if ng * g != k:
+        w = torch.nn.functional.pad(w, (0, ng * g - k))
+    return w.reshape(*w.shape[:-1], ng, g)
+
+
+def _merge_groups(wg: torch.Tensor, k: int) -> torch.Tensor:
+    """Inverse of :func:`_split_groups`: ``[..., N, ng, G]`` -> ``[..., N, K]`` (padding dropped)."""
+    flat = wg.reshape(*wg.shape[:-2], -1)
+    return flat if flat.shape[-1] == k else flat[..., :k].contiguous()
 
 
 def _round_scale(scale: torch.Tensor) -> torch.Tensor:
@@ -96,7 +111,7 @@ def _round_scale(scale: torch.Tensor) -> torch.Tensor:
 def _qparams_from_range(
     wmin: torch.Tensor, wmax: torch.Tensor, spec: QuantSpec
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Per-group range ``[..., N, K//G]`` -> (scales, zeros or None), same shape, float32."""
+    """Per-group range ``[..., N, ng]`` -> (scales, zeros or None), same shape, float32."""
     if spec.symmetric:
         amax = torch.maximum(wmin.abs(), wmax.abs())
         return _round_scale(2.0 * amax / spec.maxq), None
@@ -108,14 +123,14 @@ def _qparams_from_range(
 
 
 def _zero_or_mid(zeros: torch.Tensor | None, scales: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
-    """Zero points as float32 ``[..., N, K//G]``; the implicit 2**(bits-1) when symmetric."""
+    """Zero points as float32 ``[..., N, ng]``; the implicit 2**(bits-1) when symmetric."""
     if zeros is None:
         return torch.full_like(scales, float(2 ** (spec.bits - 1)))
     return zeros.to(torch.float32)
 
 
 def _group_codes(wg: torch.Tensor, s: torch.Tensor, z: torch.Tensor, maxq: int) -> torch.Tensor:
-    """Grouped weights ``[..., N, K//G, G]``, s and z ``[..., N, K//G, 1]`` -> float codes, same shape."""
+    """Grouped weights ``[..., N, ng, G]``, s and z ``[..., N, ng, 1]`` -> float codes, same shape."""
     return torch.clamp(torch.round(wg / s) + z, 0, maxq)
 
 
@@ -124,7 +139,7 @@ def _clip_searched_qparams(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per group, keep the shrink factor of the range with the smallest sum |w_hat - w|^CLIP_NORM.
 
-    wg: ``[..., N, K//G, G]`` float32. Candidates are judged with the float16-rounded scales they
+    wg: ``[..., N, ng, G]`` float32 (a partial last group zero-padded: padding has zero error). Candidates are judged with the float16-rounded scales they
     would really get. Ties keep the larger range (first candidate), so the result is deterministic.
     """
     wmin, wmax = wg.amin(dim=-1), wg.amax(dim=-1)
@@ -148,8 +163,8 @@ def _clip_searched_qparams(
 def compute_qparams(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Group-wise scales and zeros for ``w [..., N, K]``.
 
-    Returns ``scales [..., N, K//G]`` float32 (exactly representable in float16, >= 2**-14) and
-    ``zeros [..., N, K//G]`` float32 integer-valued in ``[0, 2**bits - 1]``, or None when symmetric.
+    Returns ``scales [..., N, ng]`` float32 (exactly representable in float16, >= 2**-14) and
+    ``zeros [..., N, ng]`` float32 integer-valued in ``[0, 2**bits - 1]``, or None when symmetric.
     """
     k = w.shape[-1]
     spec.validate(k)
@@ -162,12 +177,12 @@ def compute_qparams(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, tor
 def quantize_to_codes(
     w: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, spec: QuantSpec
 ) -> torch.Tensor:
-    """``w [..., N, K]`` on the grid (scales/zeros ``[..., N, K//G]``) -> codes int64 ``[..., N, K]``."""
+    """``w [..., N, K]`` on the grid (scales/zeros ``[..., N, ng]``) -> codes int64 ``[..., N, K]``."""
     k = w.shape[-1]
     wg = _split_groups(w.to(torch.float32), spec.resolved_group(k))
     z = _zero_or_mid(zeros, scales, spec).unsqueeze(-1)
     codes = _group_codes(wg, scales.to(torch.float32).unsqueeze(-1), z, spec.maxq)
-    return codes.reshape(w.shape).to(torch.int64)
+    return _merge_groups(codes, k).to(torch.int64)
 
 
 def dequantize_codes(
@@ -177,15 +192,15 @@ def dequantize_codes(
     k = codes.shape[-1]
     qg = _split_groups(codes.to(torch.float32), spec.resolved_group(k))
     z = _zero_or_mid(zeros, scales, spec).unsqueeze(-1)
-    return ((qg - z) * scales.to(torch.float32).unsqueeze(-1)).reshape(codes.shape)
+    return _merge_groups((qg - z) * scales.to(torch.float32).unsqueeze(-1), k)
 
 
 @dataclass
 class QuantResult:
     """A quantized matrix in the quantizer layout.
 
-    codes int64 ``[..., N, K]`` in ``[0, 2**bits)``; scales float32 ``[..., N, K//G]`` (float16-exact);
-    zeros float32 ``[..., N, K//G]`` integer-valued, or None when symmetric.
+    codes int64 ``[..., N, K]`` in ``[0, 2**bits)``; scales float32 ``[..., N, ng]`` (float16-exact);
+    zeros float32 ``[..., N, ng]`` integer-valued, or None when symmetric.
     """
 
     codes: torch.Tensor
@@ -198,7 +213,7 @@ class QuantResult:
         return dequantize_codes(self.codes, self.scales, self.zeros, self.spec).to(dtype)
 
     def packed(self) -> fmt.PackedWeight:
-        """The packed-format tensors (``format.pack_weight``); K must be a multiple of 32."""
+        """The packed-format tensors (``format.pack_weight``; any K, padded to a multiple of 32)."""
         k = self.codes.shape[-1]
         self.spec.validate(k, packable=True)
         return fmt.pack_weight(self.codes, self.scales, self.zeros, self.spec.bits, self.spec.resolved_group(k))

@@ -15,6 +15,7 @@ from transformers.quantizers.auto import register_quantization_config
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from moecompress.errors import MoeCompressError
+from moecompress.quant.format import CURRENT_FORMAT
 
 QUANT_METHOD = "moecompress"
 CONFIG_VERSION = 1
@@ -47,7 +48,9 @@ class MoeCompressConfig(QuantizationConfigMixin):
     ``modules`` maps a module path to its packed description: ``{"type": "experts", <ExpertsSpec
     fields>}`` (each expert's width in ``bits``) or ``{"type": "linear", "in_features", "out_features",
     "bits", "group_size", "symmetric", "bias"}``. ``provenance`` records tool version, calibration and
-    method; ``extra`` is free-form metadata (pruning, protection, allocation) carried for reports.
+    method; ``format`` names the packing format (:mod:`moecompress.quant.format`: ``kpack-v2``, or
+    ``kpack-v1`` in checkpoints written before it, read the same); ``extra`` is free-form metadata
+    (pruning, protection, allocation) carried for reports.
     ``expert_groups`` maps an experts module path to its expert -> group map (an exact-router merge:
     E router outputs, E' stored experts; :mod:`moecompress.model.expert_groups`).
     """
@@ -57,7 +60,7 @@ class MoeCompressConfig(QuantizationConfigMixin):
         modules: dict[str, dict] | None = None,
         group_size: int = 128,
         symmetric: bool = True,
-        format: str = "kpack-v1",
+        format: str = CURRENT_FORMAT,  # the packing format (quant.format); kpack-v1 checkpoints say "kpack-v1"
         version: int = CONFIG_VERSION,
         provenance: dict | None = None,
         extra: dict | None = None,

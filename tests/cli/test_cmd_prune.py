@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
 from moecompress.calibration.types import CalibrationSet
-from moecompress.calibration.stats import collect_stats
+from moecompress.calibration.collect import collect_stats
 from moecompress.cli.main import app
 from moecompress.model.loading import LayerwiseModel
 from moecompress.model.tiny import save_tiny_model

@@ -125,7 +125,7 @@ def test_rtn_works_without_calibration_data_or_tokenizer(bare_model_dir, tmp_pat
         (("--bits", 5), "bits must be one of"),
         (("--bits", 1), "bits must be one of"),
         (("--method", "awq"), "unknown method"),
-        (("--method", "rtn", "--group-size", 48), "group size"),  # 48 does not divide H = I = 64
+        (("--method", "rtn", "--group-size", 128), "longer than the input dimension"),  # a group longer than H = I = 64
         (("--fallback", "drop"), "unknown fallback"),
         (("--group-size", 0), "group_size"),
     ],
@@ -138,7 +138,7 @@ def test_bad_options_are_one_line_errors_without_partial_output(model_dir, tmp_p
 
 def test_quantized_and_exact_merged_sources_are_refused_where_unreadable(bare_model_dir, tmp_path):
     from moecompress.calibration.types import CalibrationSet
-    from moecompress.calibration.stats import collect_stats
+    from moecompress.calibration.collect import collect_stats
     from moecompress.api.experts import StatsSource, merge_job
     from moecompress.model.loading import LayerwiseModel
     from moecompress.passes.merge import MergeConfig

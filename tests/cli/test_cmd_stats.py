@@ -75,7 +75,7 @@ def test_writes_stats_report_and_json(model_dir, calib_file, tmp_path):
 
 
 def test_error_while_writing_leaves_no_partial_output(model_dir, calib_file, tmp_path, monkeypatch):
-    import moecompress.calibration.stats as stats_module
+    import moecompress.calibration.stats_report as stats_module
 
     def broken_report(*_args, **_kwargs):
         raise RuntimeError("disk full")

@@ -131,3 +131,63 @@ def test_export_refuses_what_vllm_cannot_load(tmp_path):
     with pytest.raises(MoeCompressError, match="not a native moecompress checkpoint"):
         convert_native_to_compressed_tensors(tmp_path / "qwen3_moe_model", tmp_path / "c")
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Any K: our padding rows are dropped, compressed-tensors packs the true K densely; partial groups refused
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bits", fmt.SUPPORTED_BITS)
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("k, g", [(48, 16), (72, 24), (100, 20)])
+def test_repack_odd_k_equals_our_dequantization(bits, symmetric, k, g):
+    gen = torch.Generator().manual_seed(bits + k)
+    n = 40
+    codes = torch.randint(0, 2**bits, (k, n), generator=gen)  # [K, N]
+    scales = (torch.rand(k // g, n, generator=gen) * 0.1 + 1e-3).to(torch.float16)
+    zeros = None if symmetric else torch.randint(0, 2**bits, (k // g, n), generator=gen).to(torch.uint8)
+    qweight = fmt.pack(codes, bits)  # Kp = ceil(K / 32) * 32 rows of codes
+    ours = fmt.dequantize(qweight, scales, zeros, bits, g, k=k)  # [N, K]
+    ct = repack_projection(qweight, scales, zeros, bits, k=k)
+    assert ct["weight_shape"].tolist() == [n, k]  # the true shape, not the padded one
+    assert tuple(ct["weight_packed"].shape) == (n, -(-k * bits // 32))  # pack_to_int32's dense packing of K codes
+    assert torch.equal(_decompress(ct, bits, g, symmetric).float(), ours)
+    rows = slice(8, 30)
+    assert torch.equal(_decompress(repack_projection(qweight, scales, zeros, bits, rows, k=k), bits, g, symmetric).float(), ours[rows])
+
+
+def _odd_native(tmp_path, group_size, name):
+    """qwen3_moe with H = I = 48 (attention: q/k/v K = 48, o_proj K = 64), RTN 4-bit, attention 8-bit."""
+    model = tmp_path / "odd_model"
+    if not model.exists():
+        save_tiny_model("qwen3_moe", model, hidden_size=48, moe_intermediate_size=48, intermediate_size=96)
+    out = tmp_path / name
+    quantize_job(model, out, QuantizeConfig(bits=4, group_size=group_size, method="rtn", attention_bits=8), None, {"source": "none"})
+    return out
+
+
+def test_odd_k_export_loads_with_plain_from_pretrained(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    native = _odd_native(tmp_path, 16, "native16")  # 16 divides 48 and 64: whole groups everywhere
+    out = convert_native_to_compressed_tensors(native, tmp_path / "ct")
+    tensors = _tensors(out)
+    assert tensors["model.layers.0.mlp.experts.1.down_proj.weight_shape"].tolist() == [48, 48]
+    assert tensors["model.layers.0.self_attn.q_proj.weight_shape"].tolist() == [64, 48]
+    from moecompress.export.lint import lint_checkpoint
+
+    assert lint_checkpoint(out).findings == []  # CT103 (whole groups) and CT106 (shapes of the true K) pass
+    ids = torch.randint(3, 256, (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ours = AutoModelForCausalLM.from_pretrained(str(native), dtype=torch.float32).eval()(ids).logits
+        theirs = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()(ids).logits
+    assert ours.abs().max() > 0
+    torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=1e-5)
+
+
+def test_partial_last_group_is_refused_before_anything_is_written(tmp_path):
+    native = _odd_native(tmp_path, 32, "native32")  # kpack-v2 takes G = 32 on K = 48 (a partial last group)
+    with pytest.raises(MoeCompressError, match=r"does not divide the input dimension 48 \(the compressed-tensors format needs whole groups\); use 16 or 48"):
+        convert_native_to_compressed_tensors(native, tmp_path / "ct")
+    assert not (tmp_path / "ct").exists()

@@ -13,7 +13,7 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
 from moecompress.calibration.types import CalibrationSet
-from moecompress.calibration.stats import collect_stats
+from moecompress.calibration.collect import collect_stats
 from moecompress.errors import MoeCompressError
 from moecompress.export.standard import (
     check_expert_count,

@@ -29,23 +29,24 @@ def _variants(full: bool):
     for bits in bits_list:
         yield "dense_splitk_kernel", {"act": "bf16", "plane": "fp32"}, dict(
             BITS=bits, HAS_ZEROS=True, HAS_BIAS=True, BLOCK_M=1, BLOCK_N=64, BLOCK_K=64, SPLIT_K=4,
-            USE_DOT=False, DOT_FP32=False)
+            USE_DOT=False, DOT_FP32=False, EVEN_K=False)
         yield "dense_tiled_kernel", {"act": "bf16", "plane": "bf16"}, dict(
-            BITS=bits, HAS_ZEROS=bits != 3, HAS_BIAS=True, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, DOT_FP32=False)
+            BITS=bits, HAS_ZEROS=bits != 3, HAS_BIAS=True, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, DOT_FP32=False,
+            EVEN_K=True)
         yield "moe_gate_up_kernel", {"act": "bf16", "plane": "bf16"}, dict(
             BITS=bits, HAS_ZEROS=True, HAS_BIAS=True, GATED=True, ACT=4, DECODE=False, BLOCK_M=16, BLOCK_N=64,
-            BLOCK_K=64, USE_DOT=True, DOT_FP32=False)
+            BLOCK_K=64, USE_DOT=True, DOT_FP32=False, EVEN_K=False)
         yield "moe_down_kernel", {"act": "bf16", "plane": "bf16"}, dict(
             BITS=bits, HAS_ZEROS=False, HAS_BIAS=True, DECODE=True, BLOCK_M=1, BLOCK_N=64, BLOCK_K=64,
-            USE_DOT=False, DOT_FP32=False)
+            USE_DOT=False, DOT_FP32=False, EVEN_K=bits % 2 == 0)
     yield "dense_splitk_kernel", {"act": "fp32", "plane": "fp32"}, dict(
         BITS=8, HAS_ZEROS=False, HAS_BIAS=False, BLOCK_M=16, BLOCK_N=64, BLOCK_K=32, SPLIT_K=2,
-        USE_DOT=True, DOT_FP32=True)
+        USE_DOT=True, DOT_FP32=True, EVEN_K=True)
     if full:
         for act, gated, decode in itertools.product(range(4), (True, False), (True, False)):
             yield "moe_gate_up_kernel", {"act": "fp16", "plane": "fp16"}, dict(
                 BITS=4, HAS_ZEROS=False, HAS_BIAS=False, GATED=gated, ACT=act, DECODE=decode,
-                BLOCK_M=1 if decode else 32, BLOCK_N=64, BLOCK_K=64, USE_DOT=not decode, DOT_FP32=False)
+                BLOCK_M=1 if decode else 32, BLOCK_N=64, BLOCK_K=64, USE_DOT=not decode, DOT_FP32=False, EVEN_K=gated)
 
 
 def compile_variants(full: bool) -> int:

@@ -83,3 +83,39 @@ def test_empty_batch_and_bad_inputs():
         dequant_gemm(torch.zeros(2, 64), w.qweight, w.scales, w.zeros, 4, 64)
     with pytest.raises(MoeCompressError, match="unknown dequant_gemm kernel"):
         dequant_gemm_with_config(torch.zeros(2, 64), w.qweight, w.scales, None, 4, 32, config={"kernel": "x", "BLOCK_K": 32})
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Any K (kpack-v2): K padded to a multiple of 32 in qweight, a partial last group; the kernels mask k >= K
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("k, group_size", [(48, 32), (72, 16), (100, 64), (100, 100)])
+def test_odd_k_every_path_matches_reference(bits, k, group_size):
+    """K = 48, 72, 100 (not multiples of 32) with groups that do not divide K (and per-channel G = K):
+    the reference is x @ W^T with W from format.dequantize(k=K); every Triton path matches it."""
+    n = 40
+    generator = torch.Generator().manual_seed(bits * 100 + k)
+    w = random_packed((n, k), bits, group_size, bits % 2 == 0, generator)
+    assert w.qweight.shape == (fmt.padded_k(k) * bits // 32, n) and w.scales.shape == (-(-k // group_size), n)
+    bias = torch.randn(n, generator=generator)
+    dense = fmt.dequantize(w.qweight, w.scales, w.zeros, bits, group_size, k=k)
+    assert dense.shape == (n, k)
+    for m in (1, 5, 33):
+        x = torch.randn(m, k, generator=generator)
+        ref = dequant_gemm_reference(x, w.qweight, w.scales, w.zeros, bits, group_size, bias)
+        torch.testing.assert_close(ref, x @ dense.t() + bias, rtol=1e-5, atol=1e-5)
+        small_m = {**GEMV, "BLOCK_K": 64} if m == 1 else {**SPLITK, "BLOCK_K": 32}
+        for config in (small_m, TILED):
+            out = dequant_gemm_with_config(x, w.qweight, w.scales, w.zeros, bits, group_size, bias, config=config)
+            _close(out, ref)
+
+
+def test_odd_k_x_width_must_fit_the_packed_rows():
+    w = random_packed((16, 48), 4, 32, False, torch.Generator().manual_seed(0))  # Kp = 64: K in 33..64
+    for bad in (32, 65):
+        with pytest.raises(MoeCompressError, match="input features"):
+            dequant_gemm_reference(torch.zeros(1, bad), w.qweight, w.scales, w.zeros, 4, 32)
+    with pytest.raises(MoeCompressError, match="scales shape"):  # K = 48 in groups of 16 needs 3 scale rows, not 2
+        dequant_gemm(torch.zeros(1, 48), w.qweight, w.scales, w.zeros, 4, 16)

@@ -163,3 +163,45 @@ def test_local_index_cache_follows_in_place_edits():
     assert local_expert_index(group, E, torch.device("cpu")) is first  # cached
     group.expert_ids[1] = 6  # in-place edit bumps the version counter
     assert local_expert_index(group, E, torch.device("cpu")).tolist() == [-1, -1, 0, -1, -1, -1, 1, -1]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Any K (kpack-v2): H and I not multiples of 32, groups that do not divide them; gate_up.k = H, down.k = I
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp")
+@pytest.mark.parametrize("config", [DECODE, SORTED], ids=["decode", "sorted"])
+@pytest.mark.parametrize("hidden, inter, gated", [(48, 40, True), (72, 100, False)])
+def test_odd_h_and_i_mixed_widths_match_reference(config, hidden, inter, gated):
+    """Four width classes (2, 3, 4, 8 bits) at H, I in {48, 40, 72, 100} with G = 32 (a partial last group
+    everywhere): the reference equals a dense loop on format.dequantize(k=...), the kernels equal the reference."""
+    generator = torch.Generator().manual_seed(hidden + inter)
+    groups = [
+        random_expert_group([i, i + 4], hidden, inter, bits, 32, generator, with_zeros=i % 2 == 0, gated=gated)
+        for i, bits in enumerate((2, 3, 4, 8))
+    ]
+    assert groups[0].gate_up.k == hidden and groups[0].down.k == inter
+    tokens = 2 if config["decode"] else 7
+    ids, weights = random_routing(tokens, E, 2, generator)
+    x = torch.randn(tokens, hidden, generator=generator)
+    width = 2 * inter if gated else inter
+    gate_up_bias, down_bias = torch.randn(E, width, generator=generator), torch.randn(E, hidden, generator=generator)
+    activation = "gpt_oss" if gated else "gelu"
+    ref = moe_experts_forward_reference(x, ids, weights, groups, E, activation, gate_up_bias, down_bias)
+    dense = torch.zeros(tokens, hidden)
+    for group in groups:
+        gate_up, down = group.gate_up.dequantize(group.bits, 32), group.down.dequantize(group.bits, 32)
+        assert gate_up.shape[1:] == (width, hidden) and down.shape[1:] == (hidden, inter)
+        for local, expert in enumerate(group.expert_ids.tolist()):
+            for t, j in zip(*torch.where(ids == expert)):
+                h = gate_up[local] @ x[t] + gate_up_bias[expert]
+                if gated:
+                    g, u = h[:inter].clamp(max=7.0), h[inter:].clamp(-7.0, 7.0)
+                    a = (u + 1) * (g * torch.sigmoid(1.702 * g))
+                else:
+                    a = torch.nn.functional.gelu(h)
+                dense[t] += weights[t, j] * (down[local] @ a + down_bias[expert])
+    torch.testing.assert_close(ref, dense, rtol=1e-4, atol=1e-4)
+    out = moe_experts_forward_with_config(x, ids, weights, groups, E, activation, gate_up_bias, down_bias, config=config)
+    _close(out, ref)

@@ -13,7 +13,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from moecompress.calibration.types import CalibrationSet
-from moecompress.calibration.stats import collect_stats
+from moecompress.calibration.collect import collect_stats
 from moecompress.errors import MoeCompressError
 from moecompress.evaluate import folder_bytes
 from moecompress.api.experts import StatsSource, merge_job, prune_job

@@ -141,7 +141,7 @@ def test_statistics_of_another_model_are_refused(planted, planted_stats, tmp_pat
     import shutil
 
     from moecompress.calibration.types import CalibrationSet
-    from moecompress.calibration.stats import collect_stats
+    from moecompress.calibration.collect import collect_stats
     from moecompress.model.loading import LayerwiseModel
 
     save_tiny_model("qwen3_moe", tmp_path / "other", num_experts=2)

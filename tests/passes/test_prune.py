@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from moecompress.calibration.types import CalibrationSet
-from moecompress.calibration.stats import collect_stats
+from moecompress.calibration.collect import collect_stats
 from moecompress.errors import MoeCompressError
 from moecompress.api.experts import StatsSource, merge_job, prune_job
 from moecompress.model.loading import LayerwiseModel

@@ -258,12 +258,21 @@ def test_rtn_needs_no_calibration_and_is_deterministic(tmp_path):
     assert not (tmp_path / "c").exists()
 
 
-def test_group_size_must_divide_the_expert_dimensions(tmp_path):
+def test_group_size_must_fit_the_expert_dimensions(tmp_path):
+    """G = 48 on H = I = 64 is fine (a partial last group, kpack-v2); G = 128 is longer than a row: refused
+    up front, with sizes that suit every dimension; with whole groups (a compressed-tensors export) 48 is refused."""
+    from moecompress.model.loading import LayerwiseModel
+    from moecompress.passes.quantize import check_group_size_fits
+
     src = tmp_path / "src"
     save_tiny_model("mixtral", src, seed=0)  # H = I = 64
-    with pytest.raises(MoeCompressError, match="group size"):
-        quantize_job(src, tmp_path / "out", QuantizeConfig(bits=4, group_size=48, method="rtn"), None, {})
+    with pytest.raises(MoeCompressError, match=r"group size 128 is longer than the input dimension 64 .*use 16, 32 or 64"):
+        quantize_job(src, tmp_path / "out", QuantizeConfig(bits=4, group_size=128, method="rtn"), None, {})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"], "no OUT and no staging folder"
+    lm = LayerwiseModel(src)
+    check_group_size_fits(QuantizeConfig(bits=4, group_size=48, method="rtn"), lm.layers, lm.view.blocks)
+    with pytest.raises(MoeCompressError, match=r"group size 48 does not divide the input dimension 64 .*\(layer 0 experts\)"):
+        check_group_size_fits(QuantizeConfig(bits=4, group_size=48, method="rtn"), lm.layers, lm.view.blocks, whole_groups=True)
 
 
 def test_per_channel_quantization_when_hidden_and_intermediate_sizes_differ(tmp_path):

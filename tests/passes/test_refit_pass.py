@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from moecompress.calibration.types import CalibrationSet
-from moecompress.calibration.stats import collect_stats
+from moecompress.calibration.collect import collect_stats
 from moecompress.errors import MoeCompressError
 from moecompress.api.experts import StatsSource, merge_job
 from moecompress.model.driver import run_layerwise

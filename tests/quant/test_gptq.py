@@ -126,6 +126,30 @@ def test_gptq_result_packs_bit_exact(bits, symmetric, act_order):
     assert torch.equal(result.packed().dequantize(), result.dequantized())
 
 
+@pytest.mark.parametrize("k", [48, 72, 100])
+@pytest.mark.parametrize("bits, symmetric, act_order, static_groups", [
+    (2, True, False, True), (3, False, True, True), (4, True, False, False), (8, False, False, False), (4, False, True, True),
+])
+def test_gptq_on_odd_k_with_a_partial_last_group(k, bits, symmetric, act_order, static_groups):
+    """K not a multiple of 32 and G = 32 not dividing it: ceil(K / 32) groups, the last one partial,
+    whose scale is the one its own columns give (static: RTN's grid; dynamic: fitted on entry); packs bit-exact
+    (padded to a multiple of 32) and still beats RTN on the layer output."""
+    x, w = _correlated_inputs(t=400, k=k, seed=k), _weight(n=24, k=k, seed=k + 1)
+    h, _ = _hessian(x)
+    spec = QuantSpec(bits, 32, symmetric)
+    result, loss = gptq_quantize(w, h, spec, act_order=act_order, static_groups=static_groups, block_size=40)
+    ng = -(-k // 32)
+    assert result.codes.shape == (24, k) and result.scales.shape == (24, ng) and torch.isfinite(torch.tensor(loss))
+    if static_groups:
+        assert torch.equal(result.scales, rtn(w, spec).scales)
+    assert torch.equal(quantize_to_codes(result.dequantized(), result.scales, result.zeros, spec), result.codes)
+    packed = result.packed()
+    assert packed.shape == (24, k) and packed.qweight.shape[0] == -(-k // 32) * bits
+    assert torch.equal(packed.dequantize(), result.dequantized())
+    err_rtn = layer_output_error(w, rtn(w, spec).dequantized(), x)
+    assert layer_output_error(w, result.dequantized(), x) < err_rtn
+
+
 def test_act_order_keeps_groups_in_original_column_order():
     """With static groups, act_order codes must sit on the grid of the ORIGINAL column's group."""
     x, w = _correlated_inputs(), _weight()

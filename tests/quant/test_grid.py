@@ -34,12 +34,14 @@ def test_spec_rejects_unsupported_bits():
         QuantSpec(bits=5)
 
 
-def test_spec_rejects_group_not_dividing_k():
+def test_spec_rejects_group_longer_than_k_and_accepts_a_partial_last_group():
     spec = QuantSpec(bits=4, group_size=48)
-    with pytest.raises(MoeCompressError, match="does not divide"):
-        spec.validate(128)
+    spec.validate(128)  # groups [0,48) [48,96) [96,128): the last one partial
+    assert spec.groups(128) == 3
+    with pytest.raises(MoeCompressError, match="longer than the input dimension 32"):
+        spec.validate(32)
     with pytest.raises(MoeCompressError):
-        compute_qparams(torch.zeros(4, 128), spec)
+        compute_qparams(torch.zeros(4, 32), spec)
 
 
 def test_spec_rejects_nonpositive_group():
@@ -47,13 +49,11 @@ def test_spec_rejects_nonpositive_group():
         QuantSpec(bits=4, group_size=0)
 
 
-def test_spec_packable_validation_requires_multiple_of_32():
+def test_any_k_packs():
     spec = QuantSpec(bits=4, group_size=-1)
-    spec.validate(48)  # quantizing in memory is fine
-    with pytest.raises(MoeCompressError, match="multiple of 32"):
-        spec.validate(48, packable=True)
-    with pytest.raises(MoeCompressError, match="multiple of 32"):
-        rtn(torch.randn(4, 48), spec).packed()
+    spec.validate(48, packable=True)  # kpack-v2 pads K to a multiple of 32
+    packed = rtn(torch.randn(4, 48), spec).packed()
+    assert packed.qweight.shape == (64 * 4 // 32, 4) and packed.shape == (4, 48) and packed.group_size == 48
 
 
 def test_spec_groups():
@@ -175,6 +175,28 @@ def test_requantizing_dequantized_weight_is_idempotent(bits, group, symmetric):
     deq = r.dequantized()
     assert torch.equal(quantize_to_codes(deq, r.scales, r.zeros, spec), r.codes)
     assert torch.equal(dequantize_codes(r.codes, r.scales, r.zeros, spec), deq)
+
+
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("k", [48, 72, 100])
+@pytest.mark.parametrize("symmetric, clip", [(True, False), (False, False), (False, True)])
+def test_partial_last_group_is_that_group_alone_and_packs_bit_exact(bits, k, symmetric, clip):
+    """G = 32 on K = 48, 72, 100: groups [0,32) [32,64) and a partial [64, K) (or [96, 100))."""
+    w = torch.randn(6, k, generator=torch.Generator().manual_seed(k + bits))
+    spec = QuantSpec(bits, 32, symmetric, clip)
+    r = rtn(w, spec)
+    ng = -(-k // 32)
+    assert r.scales.shape == (6, ng) and r.codes.shape == (6, k)
+    start = (ng - 1) * 32
+    last = rtn(w[:, start:], QuantSpec(bits, -1, symmetric, clip))  # the partial group on its own
+    assert torch.equal(r.scales[:, -1:], last.scales) and torch.equal(r.codes[:, start:], last.codes)
+    if not symmetric:
+        assert torch.equal(r.zeros[:, -1:], last.zeros)
+    packed = r.packed()
+    assert packed.qweight.shape == (fmt.packed_rows(k, bits), 6) and packed.scales.shape == (ng, 6)
+    assert torch.equal(packed.dequantize(), r.dequantized())
+    assert torch.equal(fmt.unpack(packed.qweight, bits, k).t(), r.codes)
+    assert torch.equal(quantize_to_codes(r.dequantized(), r.scales, r.zeros, spec), r.codes)
 
 
 def test_rtn_error_shrinks_with_bits():

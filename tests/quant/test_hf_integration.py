@@ -74,11 +74,11 @@ def expected_packed_bytes(spec: ExpertsSpec, dtype_bytes: int = 4) -> int:
             total += e_b * (n_in * h + h * i) * dtype_bytes
             continue
         for n, k in ((n_in, h), (h, i)):  # gate_up [2I, H], down [H, I]
-            g = spec.group_for(k)
-            total += e_b * (k * bits // 32) * n * 4  # qweight int32
-            total += e_b * (k // g) * n * 2  # scales float16
+            rows, groups = -(-k // 32) * bits, -(-k // spec.group_for(k))  # K padded to 32; ceil(K / G) groups
+            total += e_b * rows * n * 4  # qweight int32
+            total += e_b * groups * n * 2  # scales float16
             if not spec.symmetric:
-                total += e_b * (k // g) * n  # zeros uint8
+                total += e_b * groups * n  # zeros uint8
     if spec.has_bias:
         total += spec.num_experts * (n_in + h) * dtype_bytes
     return total
@@ -86,9 +86,10 @@ def expected_packed_bytes(spec: ExpertsSpec, dtype_bytes: int = 4) -> int:
 
 def expected_linear_bytes(m: PackedLinear) -> int:
     k, n, g = m.in_features, m.out_features, m.group_size
-    zeros = 0 if m.symmetric else (k // g) * n
+    rows, groups = -(-k // 32) * m.bits, -(-k // g)  # K padded to 32; ceil(K / G) groups
+    zeros = 0 if m.symmetric else groups * n
     bias = 0 if m.bias is None else n * m.bias.element_size()
-    return (k * m.bits // 32) * n * 4 + (k // g) * n * 2 + zeros + bias
+    return rows * n * 4 + groups * n * 2 + zeros + bias
 
 
 @pytest.mark.parametrize("family", FAMILIES)

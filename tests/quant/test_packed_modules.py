@@ -127,9 +127,11 @@ def test_experts_spec_json_round_trip_and_group_for():
     assert ExpertsSpec.from_json(spec.as_json()) == spec
     assert spec.group_for(256) == 128 and spec.group_for(128) == 128
     # The one group-size rule (format.group_size_problem): a group longer than the row is refused with
-    # sizes that do divide it, never silently read as per-channel.
-    with pytest.raises(ValueError, match=r"group size 128 does not divide the input dimension 64; use 16, 32 or 64"):
+    # sizes that do divide it, never silently read as per-channel; one that does not divide K is fine
+    # (the last group is partial).
+    with pytest.raises(ValueError, match=r"group size 128 is longer than the input dimension 64 \(a group never spans two rows\); use 16, 32 or 64"):
         spec.group_for(64)
+    assert spec.group_for(200) == 128
     assert ExpertsSpec(4, 64, 32, (4,) * 4, -1, True).group_for(32) == 32
 
 
