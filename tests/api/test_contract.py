@@ -202,3 +202,19 @@ def test_two_pipeline_runs_write_byte_identical_folders(model, tmp_path):
     a, b = digest(tmp_path / "a"), digest(tmp_path / "out")
     assert (tmp_path / "out" / "reports" / "step3_quantize" / "report.md").is_file(), "the last pass's report is kept"
     assert a.keys() == b.keys() and a == b, [k for k in a if a[k] != b.get(k)]
+
+
+def test_merge_with_the_exact_router_and_refit_loads_the_calibration_set_once(model, tmp_path, monkeypatch):
+    from moecompress.api import experts
+
+    loads = []
+    original = experts.load_for_model
+
+    def counted(*args, **kwargs):
+        loads.append(args)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(experts, "load_for_model", counted)
+    result = run("merge", model, tmp_path / "m", "--num-experts", 2, "--router", "exact", *CALIB)  # RegMean + refit
+    assert result.exit_code == 0, result.output
+    assert len(loads) == 1
