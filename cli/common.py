@@ -75,6 +75,13 @@ class LayerProgress:
             self.task = self.bar.add_task(self.description, total=None)
         return self
 
+    def relabel(self, description: str) -> None:
+        """A new phase (a pipeline's next pass, profiling then quantizing) under its own name."""
+        if description != self.description:
+            self.description, self.last = description, None
+            if self.bar is not None:
+                self.bar.update(self.task, description=description, completed=0, total=None)
+
     def __call__(self, done: int, total: int) -> None:
         if self.bar is not None:
             self.bar.update(self.task, completed=done, total=total)

@@ -74,6 +74,29 @@ def model_label(job) -> str:
     return getattr(job, "model_label", None) or str(job.model)
 
 
+class _Labelled:
+    """A progress callback that reports under a label, and nests: a pipeline's "[2/2] quantize" and
+    the quantize job's "profiling" show as "[2/2] quantize: profiling"."""
+
+    def __init__(self, progress, label: str):
+        self.parent, self.label = progress, label
+        self.base = progress.base if isinstance(progress, _Labelled) else progress  # the real display
+
+    def relabel(self, inner: str) -> None:
+        self.parent.relabel(f"{self.label}: {inner}")
+
+    def __call__(self, done: int, total: int) -> None:
+        self.parent.relabel(self.label)
+        self.base(done, total)
+
+
+def labelled(progress: Progress | None, label: str) -> Progress | None:
+    """``progress`` reporting under ``label``, where it can show labels (it has ``relabel``)."""
+    if progress is None or getattr(progress, "relabel", None) is None:
+        return progress
+    return _Labelled(progress, label)
+
+
 def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 

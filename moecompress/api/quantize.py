@@ -16,7 +16,7 @@ import torch
 
 import moecompress
 from moecompress.api.calibration import CalibrationSpec, dummy_batch, load_for_model
-from moecompress.api.job import JobResult, Progress, execute, model_label, require_choice, require_float, require_int
+from moecompress.api.job import JobResult, Progress, execute, labelled, model_label, require_choice, require_float, require_int
 from moecompress.api.output import scratch_folder
 from moecompress.errors import MoeCompressError
 from moecompress.model.hub import resolve_model
@@ -287,7 +287,7 @@ class QuantizeJob:
             return write_quantized(self.model, target, cfg, ids, calibration, o.batch_size, progress), None
         qpass, mp_result = write_mixed_precision(
             self.model, target, mp, cfg, ids, calibration, stats_dir=o.stats, batch_size=o.batch_size,
-            progress=progress, profile_progress=progress,
+            progress=labelled(progress, "quantizing"), profile_progress=labelled(progress, "profiling"),
         )
         return qpass, mp_result
 

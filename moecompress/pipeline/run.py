@@ -19,7 +19,7 @@ from pathlib import Path
 
 import yaml
 
-from moecompress.api.job import JobResult, Progress, execute
+from moecompress.api.job import JobResult, Progress, execute, labelled
 from moecompress.errors import MoeCompressError
 from moecompress.model.families import OUTPUT_COPY_FILES
 from moecompress.pipeline.schema import CALIBRATION_FIELDS, CHANGES_EXPERTS, PASSES, Pipeline, PipelineError
@@ -156,7 +156,7 @@ class PipelineJob:
                 _validate_job(p, i, job)
             self.echo(f"[{i + 1}/{len(p.passes)}] {step.name}")
             t0 = time.perf_counter()
-            job.write(target, progress)
+            job.write(target, labelled(progress, f"[{i + 1}/{len(p.passes)}] {step.name}"))
             records.append(StepRecord(step.name, folder_bytes(target), round(time.perf_counter() - t0, 2)))
             _copy_report(target, reports / target.name)
             if step.name == "stats":
