@@ -1,7 +1,8 @@
 """`moecompress lint`: can vLLM (and transformers) load this compressed-tensors checkpoint's MoE layers?
 
-Exit 0: no errors (warnings may be listed); 1: findings with errors, one line each with its rule id;
-2: input that cannot be read, or a folder that is no compressed-tensors checkpoint at all.
+Exit 0: no errors for the chosen targets (warnings may be listed); 1: findings with errors, one line
+each with its rule id and target; 2: input that cannot be read, or a folder that is no
+compressed-tensors checkpoint at all. ``--target vllm|hf`` (repeatable; default both).
 """
 
 from __future__ import annotations
@@ -18,19 +19,21 @@ EXIT_FINDINGS = 1
 def lint(
     folder: Path = typer.Argument(..., help="checkpoint folder (compressed-tensors export)"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object with every finding"),
+    target: list[str] = typer.Option(None, "--target", help="runtime to check for: vllm or hf (repeatable; default both)"),
 ) -> None:
     """Check a compressed-tensors checkpoint against what vLLM and transformers need for MoE layers."""
     from moecompress.export.lint import RULES, format_findings, lint_checkpoint, require_compressed_tensors
 
     require_compressed_tensors(folder)
-    report = lint_checkpoint(folder)
+    report = lint_checkpoint(folder, target=target or None)
     if as_json:
         print_json(report.as_json())
     else:
         for line in format_findings(report):
-            console.print(line, highlight=False, soft_wrap=True)
+            console.print(line, highlight=False, soft_wrap=True, markup=False)
         status = "clean" if report.clean else f"{len(report.errors)} error(s)"
-        console.print(f"{folder}: {status}, {len(report.findings)} finding(s); rules checked: {', '.join(RULES)}", highlight=False)
+        console.print(f"{folder}: {status} for {', '.join(report.targets)}, {len(report.findings)} finding(s); "
+                      f"rules checked: {', '.join(RULES)}", highlight=False)
     if not report.clean:
         raise typer.Exit(EXIT_FINDINGS)
 

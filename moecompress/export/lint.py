@@ -1,26 +1,36 @@
 """Lint a compressed-tensors checkpoint for what vLLM and transformers need to load its MoE layers.
 
 Reads only config.json and the safetensors headers (plus the tiny ``weight_shape`` tensors), so it
-runs in seconds on any size of checkpoint. Every rule has a stable id:
+runs in seconds on any size of checkpoint. Findings are split per target (``vllm``, ``hf``; the
+capability tables are :mod:`moecompress.export.targets`): ``error`` = will not load, or loads wrong,
+in that target; ``warning`` = loads, but slow. Format rules (target ``all``) break every target.
+Every rule has a stable id:
 
-======  ===============================  ======== ==========================================================
-id      name                             severity what it checks
-======  ===============================  ======== ==========================================================
-CT100   compressed-tensors-config        error    config.json holds a valid compressed-tensors quantization_config
-CT101   one-scheme-per-moe-layer         error    vLLM: all experts of a MoE layer, gate/up/down alike, share one scheme
-CT102   expert-quantized                 error    vLLM: no routed expert projection is left unquantized or ignored
-CT103   group-size-divides               error    the scheme's group size divides every quantized input dimension
-CT104   router-ignored                   error    routers, shared_expert_gate and lm_head are in ``ignore`` and stored dense
-CT105   targets-disjoint                 error    no module is targeted by two config groups
-CT106   packed-tensors-consistent        error    weight_packed / weight_scale / zero point shapes agree with the scheme
-HF201   transformers-one-experts-scheme  error    transformers resolves ONE experts scheme (``get_experts_scheme``): it must be
-                                                  the scheme of every routed expert
-VL301   vllm-moe-widths                  warning  vLLM's WNA16 MoE kernels take 4 and 8 bits; other widths need a vLLM that
-                                                  supports them
-======  ===============================  ======== ==========================================================
+======  ===================================  ======  ======== ======================================================
+id      name                                 target  severity what it checks
+======  ===================================  ======  ======== ======================================================
+CT100   compressed-tensors-config            all     error    config.json holds a valid compressed-tensors quantization_config
+CT101   one-scheme-per-moe-layer             vllm    error    all experts of a MoE layer, gate/up/down alike, share one scheme
+CT102   expert-quantized                     all     error    no routed expert is left dense in a layer whose other experts are
+                                             hf      error    quantized (all); a MoE layer left wholly dense (hf only: vLLM
+                                                              loads it)
+CT103   group-size-divides                   all     error    the scheme's group size divides every quantized input dimension
+CT104   router-ignored                       all     error    routers, shared_expert_gate and lm_head are in ``ignore`` and stored dense
+CT105   targets-disjoint                     all     error    no module is targeted by two config groups
+CT106   packed-tensors-consistent            all     error    weight_packed / weight_scale / zero point shapes agree with the scheme
+HF201   transformers-one-experts-scheme      hf      error    transformers resolves ONE experts scheme (``get_experts_scheme``): it
+                                                              must be the scheme of every routed expert
+HF202   transformers-symmetric-experts       hf      error    transformers does not load asymmetric experts correctly
+HF203   transformers-dense-matches-experts   hf      error    quantized attention / shared-expert linears use the experts' scheme
+VL301   vllm-moe-widths                      vllm    error    vLLM's WNA16 MoE backends run 4- and 8-bit experts only
+VL302   vllm-moe-symmetry                    vllm    error    8-bit experts must be symmetric (vLLM runs 4-bit sym/asym, 8-bit sym)
+VL303   vllm-marlin-eligible                 vllm    warning  group size in {-1,32,64,128}, hidden % 128 == 0, intermediate %
+                                                              max(64, group) == 0, else a slower MoE backend
+======  ===================================  ======  ======== ======================================================
 
-Exit codes of ``moecompress lint``: 0 no errors (warnings allowed), 1 findings with errors, 2 input
-that cannot be read or is no compressed-tensors checkpoint at all (:func:`require_compressed_tensors`).
+Exit codes of ``moecompress lint``: 0 no errors for the chosen targets (warnings allowed), 1 findings
+with errors, 2 input that cannot be read or is no compressed-tensors checkpoint at all
+(:func:`require_compressed_tensors`).
 """
 
 from __future__ import annotations
@@ -35,21 +45,34 @@ from pathlib import Path
 from safetensors import safe_open
 
 from moecompress.errors import MoeCompressError
+from moecompress.export import targets as tg
 from moecompress.model.families import OUTPUT_HEAD, UNQUANTIZED_BLOCK_MODULES
 from moecompress.quant import format as fmt
 
+# id -> (name, severity); the target of each finding is on the finding (RULE_TARGETS: the targets a rule
+# can name)
 RULES: dict[str, tuple[str, str]] = {
-    "CT100": ("compressed-tensors-config", "error"),
-    "CT101": ("one-scheme-per-moe-layer", "error"),
-    "CT102": ("expert-quantized", "error"),
-    "CT103": ("group-size-divides", "error"),
-    "CT104": ("router-ignored", "error"),
-    "CT105": ("targets-disjoint", "error"),
-    "CT106": ("packed-tensors-consistent", "error"),
-    "HF201": ("transformers-one-experts-scheme", "error"),
-    "VL301": ("vllm-moe-widths", "warning"),
+    "CT100": ("compressed-tensors-config", tg.ERROR),
+    "CT101": ("one-scheme-per-moe-layer", tg.ERROR),
+    "CT102": ("expert-quantized", tg.ERROR),
+    "CT103": ("group-size-divides", tg.ERROR),
+    "CT104": ("router-ignored", tg.ERROR),
+    "CT105": ("targets-disjoint", tg.ERROR),
+    "CT106": ("packed-tensors-consistent", tg.ERROR),
+    "HF201": ("transformers-one-experts-scheme", tg.ERROR),
+    "HF202": ("transformers-symmetric-experts", tg.ERROR),
+    "HF203": ("transformers-dense-matches-experts", tg.ERROR),
+    "VL301": ("vllm-moe-widths", tg.ERROR),
+    "VL302": ("vllm-moe-symmetry", tg.ERROR),
+    "VL303": ("vllm-marlin-eligible", tg.WARNING),
 }
-VLLM_MOE_BITS = (4, 8)
+RULE_TARGETS: dict[str, tuple[str, ...]] = {
+    "CT100": (tg.ALL,), "CT101": ("vllm",), "CT102": (tg.ALL, "hf"), "CT103": (tg.ALL,), "CT104": (tg.ALL,),
+    "CT105": (tg.ALL,), "CT106": (tg.ALL,), "HF201": ("hf",), "HF202": ("hf",), "HF203": ("hf",),
+    "VL301": ("vllm",), "VL302": ("vllm",), "VL303": ("vllm",),
+}
+TARGET_NAMES: tuple[str, ...] = tuple(tg.TARGETS)
+VLLM_MOE_BITS = tuple(sorted({s.bits for s in tg.VLLM.moe_schemes}))  # kept for importers
 _EXPERT_MODULE = re.compile(r"^(?P<path>.*experts)\.(?P<expert>\d+)\.(?P<proj>[A-Za-z0-9_]+)$")
 
 
@@ -58,6 +81,7 @@ class Finding:
     rule: str
     where: str
     message: str
+    target: str = tg.ALL  # "vllm", "hf", or "all" (the format itself: every target)
 
     @property
     def name(self) -> str:
@@ -67,8 +91,12 @@ class Finding:
     def severity(self) -> str:
         return RULES[self.rule][1]
 
+    def applies_to(self, targets) -> bool:
+        return self.target == tg.ALL or self.target in targets
+
     def as_json(self) -> dict:
-        return {"rule": self.rule, "name": self.name, "severity": self.severity, "where": self.where, "message": self.message}
+        return {"rule": self.rule, "name": self.name, "severity": self.severity, "target": self.target,
+                "where": self.where, "message": self.message}
 
 
 @dataclass
@@ -76,23 +104,34 @@ class LintReport:
     folder: str
     findings: list[Finding] = field(default_factory=list)
     summary: dict = field(default_factory=dict)
+    targets: tuple[str, ...] = TARGET_NAMES
 
     @property
     def errors(self) -> list[Finding]:
-        return [f for f in self.findings if f.severity == "error"]
+        return [f for f in self.findings if f.severity == tg.ERROR]
+
+    @property
+    def warnings(self) -> list[Finding]:
+        return [f for f in self.findings if f.severity == tg.WARNING]
 
     @property
     def clean(self) -> bool:
         return not self.errors
 
-    def rules_hit(self) -> set[str]:
-        return {f.rule for f in self.findings}
+    def clean_for(self, target: str) -> bool:
+        return not any(f.applies_to((target,)) for f in self.errors)
+
+    def rules_hit(self, target: str | None = None) -> set[str]:
+        return {f.rule for f in self.findings if target is None or f.applies_to((target,))}
 
     def as_json(self) -> dict:
-        return {"folder": self.folder, "clean": self.clean, "findings": [f.as_json() for f in self.findings], "summary": self.summary}
+        return {"folder": self.folder, "clean": self.clean, "targets": list(self.targets),
+                "clean_for": {t: self.clean_for(t) for t in self.targets},
+                "findings": [f.as_json() for f in self.findings], "summary": self.summary}
 
-    def add(self, rule: str, where: str, message: str) -> None:
-        self.findings.append(Finding(rule, where, message))
+    def add(self, rule: str, where: str, message: str, target: str = tg.ALL) -> None:
+        if target == tg.ALL or target in self.targets:
+            self.findings.append(Finding(rule, where, message, target))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -191,14 +230,26 @@ def require_compressed_tensors(folder: str | Path) -> None:
         )
 
 
-def lint_checkpoint(folder: str | Path) -> LintReport:
-    """Lint the checkpoint at ``folder``; raises MoeCompressError when it cannot be read."""
+def _resolve_targets(target) -> tuple[str, ...]:
+    if target is None:
+        return TARGET_NAMES
+    names = (target,) if isinstance(target, str) else tuple(target)
+    for name in names:
+        if name not in tg.TARGETS:
+            raise MoeCompressError(f"unknown lint target {name!r}; choose from {', '.join(TARGET_NAMES)}")
+    return tuple(dict.fromkeys(names)) or TARGET_NAMES
+
+
+def lint_checkpoint(folder: str | Path, target: str | list[str] | tuple[str, ...] | None = None) -> LintReport:
+    """Lint the checkpoint at ``folder`` for ``target`` ("vllm", "hf", a list of them, or None: both);
+    raises MoeCompressError when it cannot be read."""
     folder = Path(folder)
+    chosen = _resolve_targets(target)
     if not folder.is_dir():
         raise MoeCompressError(f"{folder} is not a folder; pass a checkpoint folder")
     config = _read_json(folder / "config.json")
     tensors = _read_tensors(folder)
-    report = LintReport(str(folder))
+    report = LintReport(str(folder), targets=chosen)
     qc_raw = config.get("quantization_config")
     if not isinstance(qc_raw, dict) or qc_raw.get("quant_method") != "compressed-tensors":
         method = qc_raw.get("quant_method") if isinstance(qc_raw, dict) else None
@@ -234,16 +285,20 @@ def lint_checkpoint(folder: str | Path) -> LintReport:
         scheme_of[m] = None if (not hits or _ignored(m, ignore, True)) else hits[0]
 
     experts = _expert_modules(modules)
-    _check_moe_layers(report, experts, modules, scheme_of, groups)
+    _check_moe_layers(report, experts, modules, scheme_of, groups, tensors)
     _check_quantized_tensors(report, modules, scheme_of, groups, tensors)
     _check_routers(report, experts, modules, ignore)
-    _check_transformers(report, qc, experts, scheme_of)
+    if "hf" in chosen:
+        _check_transformers(report, qc, experts, modules, scheme_of)
     report.summary = {
         "moe_layers": len(experts),
         "experts": sum(len({e for e, _ in v}) for v in experts.values()),
         "config_groups": {g: {"bits": s.weights.num_bits if s.weights else None, "targets": len(s.targets)} for g, s in groups.items()},
         "errors": len(report.errors),
         "warnings": len(report.findings) - len(report.errors),
+        "targets": {t: {"clean": report.clean_for(t),
+                        "errors": sum(1 for f in report.errors if f.applies_to((t,))),
+                        "warnings": sum(1 for f in report.warnings if f.applies_to((t,)))} for t in chosen},
     }
     return report
 
@@ -258,23 +313,68 @@ def _expert_modules(modules: dict[str, set[str]]) -> dict[str, list[tuple[int, s
     return {k: sorted(v) for k, v in sorted(out.items())}
 
 
-def _check_moe_layers(report: LintReport, experts, modules, scheme_of, groups) -> None:
+_DOWN_PROJECTIONS = ("down_proj", "w2")  # (N, K) = (hidden, intermediate); other projections (intermediate, hidden)
+
+
+def _layer_dims(members, tensors: _Tensors) -> tuple[int, int] | None:
+    """(hidden, intermediate) of a MoE layer from its experts' weight_shape tensors."""
+    for _, m in members:
+        shape = tensors.weight_shapes.get(m)
+        if shape is None or len(shape) != 2:
+            continue
+        n, k = shape
+        return (n, k) if m.rsplit(".", 1)[-1] in _DOWN_PROJECTIONS else (k, n)
+    return None
+
+
+def _check_moe_layers(report: LintReport, experts, modules, scheme_of, groups, tensors: _Tensors) -> None:
+    vllm = tg.VLLM
     for path, members in experts.items():
         schemes = defaultdict(list)
+        dense = []
         for e, m in members:
             scheme = scheme_of.get(m)
             if scheme is None or "weight_packed" not in modules[m]:
-                why = "stored dense" if "weight_packed" not in modules[m] else "matched by no config group (or ignored)"
-                report.add("CT102", m, f"routed expert {e} projection is {why}; vLLM quantizes all experts of a layer alike")
+                dense.append((e, m, "stored dense" if "weight_packed" not in modules[m] else "matched by no config group (or ignored)"))
                 continue
             schemes[scheme].append(m)
-        if len(schemes) > 1:
+        if dense and not schemes:
+            # a MoE layer left wholly dense: vLLM loads it (no scheme for the layer); transformers does not
+            for t in (tg.VLLM, tg.HF):
+                problem = tg.dense_layer_problem(t)
+                if problem:
+                    report.add("CT102", path, f"every routed expert is left dense: {problem}", t.name)
+            continue
+        for e, m, why in dense:
+            report.add("CT102", m, f"routed expert {e} projection is {why} while the layer's other experts are "
+                       "quantized; runtimes quantize all experts of a layer alike")
+        problem = tg.layer_schemes_problem(vllm, len(schemes))
+        if problem:
             desc = ", ".join(f"{g} ({groups[g].weights.num_bits} bits): {len(ms)} projections" for g, ms in sorted(schemes.items()))
-            report.add("CT101", path, f"experts use {len(schemes)} schemes ({desc}); vLLM needs one per MoE layer")
+            report.add("CT101", path, f"experts use {len(schemes)} schemes ({desc}); {problem}", vllm.name)
+        runs = True
         for g in schemes:
-            bits = groups[g].weights.num_bits if groups[g].weights else None
-            if bits not in VLLM_MOE_BITS:
-                report.add("VL301", path, f"experts at {bits} bits ({g}); vLLM's WNA16 MoE kernels take {VLLM_MOE_BITS}")
+            w = groups[g].weights
+            bits, sym = (w.num_bits, bool(w.symmetric)) if w else (None, True)
+            problem = tg.moe_width_problem(vllm, bits)
+            if problem:
+                report.add("VL301", path, f"experts at {bits} bits ({g}): {problem}; they fail at load", vllm.name)
+                runs = False
+            problem = tg.moe_symmetry_problem(vllm, bits, sym)
+            if problem:
+                report.add("VL302", path, f"experts {g}: {problem}; they fail at load", vllm.name)
+                runs = False
+        # vLLM takes the layer's scheme from expert 0: the fast-kernel question is about that scheme
+        first = scheme_of.get(members[0][1]) if members else None
+        dims = _layer_dims(members, tensors)
+        if runs and len(schemes) == 1 and first in schemes and dims is not None and groups[first].weights:
+            w = groups[first].weights
+            strategy = getattr(w.strategy, "value", w.strategy)
+            group = -1 if str(strategy) == "channel" or not w.group_size else int(w.group_size)
+            divides = group <= 0 or not (dims[0] % group or dims[1] % group)  # else CT103 reports it
+            problem = tg.marlin_problem(vllm, group, *dims) if divides else None
+            if problem:
+                report.add("VL303", path, problem, vllm.name)
 
 
 def _check_quantized_tensors(report: LintReport, modules, scheme_of, groups, tensors: _Tensors) -> None:
@@ -327,33 +427,54 @@ def _check_routers(report: LintReport, experts, modules, ignore: list[str]) -> N
             report.add("CT104", name, "is not in quantization_config.ignore; vLLM and llm-compressor expect routers and lm_head there")
 
 
-def _check_transformers(report: LintReport, qc, experts, scheme_of) -> None:
+def _check_transformers(report: LintReport, qc, experts, modules, scheme_of) -> None:
     """transformers resolves one experts scheme for the whole model and dequantizes every expert with it."""
     from transformers.integrations.compressed_tensors import get_experts_scheme
 
-    used = {scheme_of.get(m) for members in experts.values() for _, m in members} - {None}
+    hf = tg.HF
+    expert_modules = {m for members in experts.values() for _, m in members}
+    used = {scheme_of.get(m) for m in expert_modules} - {None}
     if not used:
         return
     chosen = get_experts_scheme(qc)
     chosen_name = next((g for g, s in qc.config_groups.items() if s is chosen), None)
-    if len(used) > 1:
+    if tg.model_experts_schemes_problem(hf, len(used)):
         report.add("HF201", "config.json", f"routed experts use {len(used)} schemes ({', '.join(sorted(used))}); transformers "
-                   f"dequantizes every expert with one ({chosen_name}), so it would load wrong weights")
+                   f"dequantizes every expert with one ({chosen_name}), so it would load wrong weights", hf.name)
     elif chosen_name not in used:
         report.add("HF201", "config.json", f"transformers would pick {chosen_name} as the experts' scheme, but the experts "
-                   f"use {next(iter(used))}: put the experts group first or give it an 're:' target naming 'experts'")
+                   f"use {next(iter(used))}: put the experts group first or give it an 're:' target naming 'experts'", hf.name)
+    for g in sorted(used):
+        w = qc.config_groups[g].weights
+        if w is None:
+            continue
+        problem = tg.moe_symmetry_problem(hf, w.num_bits, bool(w.symmetric))
+        if problem:
+            report.add("HF202", g, f"experts {g}: {problem}", hf.name)
+    if len(used) != 1:
+        return  # HF201 already: no single experts scheme to compare the dense modules with
+    experts_key = tg.scheme_key(qc.config_groups[next(iter(used))].weights)
+    others: dict[str, list[str]] = defaultdict(list)
+    for m, g in sorted(scheme_of.items()):
+        if g is None or m in expert_modules or "weight_packed" not in modules[m]:
+            continue
+        others[g].append(m)
+    for g, ms in sorted(others.items()):
+        problem = tg.dense_width_problem(hf, tg.scheme_key(qc.config_groups[g].weights), experts_key)
+        if problem:
+            report.add("HF203", g, f"{len(ms)} attention / shared-expert linears (e.g. {ms[0]}): {problem}", hf.name)
 
 
 def format_findings(report: LintReport) -> list[str]:
-    """One line per finding: ``ID name [severity] where: message``."""
-    return [f"{f.rule} {f.name} [{f.severity}] {f.where}: {f.message}" for f in report.findings]
+    """One line per finding: ``ID name [severity target] where: message``."""
+    return [f"{f.rule} {f.name} [{f.severity} {f.target}] {f.where}: {f.message}" for f in report.findings]
 
 
 def report_json(report: LintReport) -> str:
     return json.dumps(report.as_json())
 
 
-__all__ = ["RULES", "Finding", "LintReport", "format_findings", "lint_checkpoint", "report_json"]
+__all__ = ["RULES", "RULE_TARGETS", "TARGET_NAMES", "Finding", "LintReport", "format_findings", "lint_checkpoint", "report_json"]
 
 
 @dataclass

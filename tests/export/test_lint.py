@@ -1,5 +1,5 @@
-"""`moecompress lint`: a clean export passes; each rule fires on a checkpoint built to break it;
-exit codes 0 / 1 / 2 through the command."""
+"""`moecompress lint`: a clean export passes; each rule fires on a checkpoint built to break it (for
+the target it names, and no other rule); exit codes 0 / 1 / 2 through the command."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from moecompress.cli import cmd_lint
 from moecompress.export.compressed_tensors import convert_native_to_compressed_tensors
-from moecompress.export.lint import RULES, lint_checkpoint
+from moecompress.export.lint import RULE_TARGETS, RULES, lint_checkpoint
 from moecompress.api.quantize import quantize_job
 from moecompress.model.tiny import save_tiny_model
 from moecompress.passes.quantize import QuantizeConfig
@@ -23,12 +23,14 @@ from moecompress.passes.quantize import QuantizeConfig
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     folder = tmp_path_factory.mktemp("lint_model")
-    save_tiny_model("qwen3_moe", folder)
+    # hidden and intermediate multiples of 128: Marlin-eligible, so a clean export has no finding at all
+    save_tiny_model("qwen3_moe", folder, hidden_size=128, moe_intermediate_size=128)
     return folder
 
 
-def _export(tiny, folder, expert_bits=None, bits=4, mixed=False):
-    cfg = QuantizeConfig(bits=bits, group_size=32, method="rtn", attention_bits=8, expert_bits=expert_bits)
+def _export(tiny, folder, expert_bits=None, bits=4, mixed=False, attention_bits=4, symmetric=True):
+    cfg = QuantizeConfig(bits=bits, group_size=32, method="rtn", attention_bits=attention_bits, expert_bits=expert_bits,
+                         symmetric=symmetric)
     native = folder.parent / f"{folder.name}_native"
     quantize_job(tiny, native, cfg, None, {"source": "none"})
     return convert_native_to_compressed_tensors(native, folder, allow_mixed_layers=mixed)
@@ -70,19 +72,26 @@ def test_ct100_native_or_invalid_config(tiny, good, tmp_path):
 
 def test_ct101_and_hf201_mixed_widths_in_a_layer(tiny, tmp_path):
     bad = _export(tiny, tmp_path / "mixed", {0: [4, 8, 4, 4], 1: [4] * 4, 2: [4] * 4}, mixed=True)
-    assert _hit(bad) == {"CT101", "HF201"}
+    report = lint_checkpoint(bad)
+    assert report.rules_hit() == {"CT101", "HF201"}
+    assert report.rules_hit("vllm") == {"CT101"} and report.rules_hit("hf") == {"HF201"}
+    assert lint_checkpoint(bad, target="vllm").rules_hit() == {"CT101"}
 
 
 def test_hf201_alone_widths_differ_across_layers(tiny, tmp_path):
     bad = _export(tiny, tmp_path / "bylayer", {0: [8] * 4, 1: [4] * 4, 2: [4] * 4})
-    assert _hit(bad) == {"HF201"}, "vLLM loads it (one scheme per layer); transformers does not"
+    report = lint_checkpoint(bad)
+    assert report.rules_hit() == {"HF201"}, "vLLM loads it (one scheme per layer); transformers does not"
+    assert [f.target for f in report.findings] == ["hf"] and report.clean_for("vllm") and not report.clean_for("hf")
+    vllm_only = lint_checkpoint(bad, target="vllm")
+    assert vllm_only.findings == [] and vllm_only.clean, "was a false failure before: per-layer 4/8 loads in vLLM"
 
 
 def test_hf201_transformers_would_pick_another_group(good, tmp_path):
     bad = _copy(good, tmp_path)
 
     def prepend_decoy(qc):
-        decoy = json.loads(json.dumps(qc["config_groups"]["group_1"]))
+        decoy = json.loads(json.dumps(qc["config_groups"]["group_0"]))
         decoy["targets"] = ["re:^nothing\\.experts$"]
         qc["config_groups"] = {"decoy": decoy, **qc["config_groups"]}
 
@@ -95,6 +104,16 @@ def test_ct102_unquantized_expert(tiny, tmp_path):
     report = lint_checkpoint(bad)
     assert report.rules_hit() == {"CT102"}
     assert {f.where for f in report.findings} == {f"model.layers.1.mlp.experts.1.{p}" for p in ("gate_proj", "up_proj", "down_proj")}
+    assert {f.target for f in report.findings} == {"all"}
+
+
+def test_ct102_layer_left_dense_is_an_hf_error_only(tiny, tmp_path):
+    bad = _export(tiny, tmp_path / "denselayer", {0: [4] * 4, 1: [16] * 4, 2: [4] * 4}, mixed=True)
+    report = lint_checkpoint(bad)
+    assert report.rules_hit() == {"CT102"}
+    assert [(f.target, f.where) for f in report.findings] == [("hf", "model.layers.1.mlp.experts")]
+    assert report.clean_for("vllm"), "was a false failure before: vLLM loads a MoE layer left dense"
+    assert lint_checkpoint(bad, target="vllm").findings == []
 
 
 def test_ct103_group_size_not_dividing(good, tmp_path):
@@ -112,8 +131,14 @@ def test_ct104_router_not_ignored(good, tmp_path):
 
 def test_ct105_overlapping_targets(good, tmp_path):
     bad = _copy(good, tmp_path)
-    _edit_config(bad, lambda qc: qc["config_groups"]["group_1"]["targets"].append("re:^model\\.layers\\.0\\.mlp\\.experts\\.0\\.up_proj$"))
-    assert "CT105" in _hit(bad)
+
+    def add_overlap(qc):
+        extra = json.loads(json.dumps(qc["config_groups"]["group_0"]))
+        extra["targets"] = ["re:^model\\.layers\\.0\\.mlp\\.experts\\.0\\.up_proj$"]
+        qc["config_groups"]["group_1"] = extra
+
+    _edit_config(bad, add_overlap)
+    assert _hit(bad) == {"CT105"}
 
 
 def test_ct106_packed_tensor_shape(good, tmp_path):
@@ -127,15 +152,59 @@ def test_ct106_packed_tensor_shape(good, tmp_path):
     assert report.rules_hit() == {"CT106"} and report.findings[0].where == "model.layers.0.mlp.experts.1.down_proj"
 
 
-def test_vl301_is_a_warning_only(tiny, tmp_path):
-    folder = _export(tiny, tmp_path / "two", bits=2)
+def test_vl301_two_bit_experts_fail_in_vllm(tiny, tmp_path):
+    folder = _export(tiny, tmp_path / "two", bits=2, attention_bits=2)
     report = lint_checkpoint(folder)
-    assert report.rules_hit() == {"VL301"} and report.clean
+    assert report.rules_hit() == {"VL301"} and not report.clean, "was only a warning before: vLLM 0.33 refuses 2-bit MoE"
+    assert {f.target for f in report.findings} == {"vllm"} and report.clean_for("hf")
+    assert report.errors and all(f.severity == "error" for f in report.findings)
+
+
+def test_vl302_eight_bit_asymmetric_experts_fail_in_vllm(tiny, tmp_path):
+    folder = _export(tiny, tmp_path / "asym8", bits=8, attention_bits=8, symmetric=False)
+    report = lint_checkpoint(folder, target="vllm")
+    assert report.rules_hit() == {"VL302"} and not report.clean, "was a miss before"
+    assert lint_checkpoint(folder).rules_hit("hf") == {"HF202"}
+
+
+def test_hf202_asymmetric_experts_fail_in_hf_but_load_in_vllm(tiny, tmp_path):
+    folder = _export(tiny, tmp_path / "asym4", symmetric=False)
+    report = lint_checkpoint(folder)
+    assert report.rules_hit() == {"HF202"} and [f.target for f in report.findings] == ["hf"], "was a miss before"
+    assert report.clean_for("vllm") and not report.clean_for("hf")
+
+
+def test_hf203_attention_at_another_width_fails_in_hf(tiny, tmp_path):
+    folder = _export(tiny, tmp_path / "attn8", attention_bits=8)
+    report = lint_checkpoint(folder)
+    assert report.rules_hit() == {"HF203"} and report.findings[0].target == "hf", "was a miss before"
+    assert "self_attn" in report.findings[0].message and report.clean_for("vllm")
+    dense_attention = _export(tiny, tmp_path / "attn16", attention_bits=None)
+    assert lint_checkpoint(dense_attention).findings == [], "attention left dense is no finding"
+
+
+def test_vl303_not_marlin_eligible_is_a_vllm_warning(tmp_path):
+    small = tmp_path / "h64"
+    save_tiny_model("qwen3_moe", small)  # hidden 64, moe intermediate 64: not a multiple of 128
+    folder = _export(small, tmp_path / "h64ct")
+    report = lint_checkpoint(folder)
+    assert report.rules_hit() == {"VL303"} and report.clean and report.clean_for("vllm")
+    assert {(f.target, f.severity) for f in report.findings} == {("vllm", "warning")}
+    assert len(report.findings) == 3 and "hidden size 64" in report.findings[0].message
+    assert lint_checkpoint(folder, target="hf").findings == []
 
 
 def test_every_rule_has_a_test():
-    tested = {"CT100", "CT101", "CT102", "CT103", "CT104", "CT105", "CT106", "HF201", "VL301"}
-    assert set(RULES) == tested
+    tested = {"CT100", "CT101", "CT102", "CT103", "CT104", "CT105", "CT106", "HF201", "HF202", "HF203",
+              "VL301", "VL302", "VL303"}
+    assert set(RULES) == tested == set(RULE_TARGETS)
+
+
+def test_unknown_target_is_refused(good):
+    from moecompress.errors import MoeCompressError
+
+    with pytest.raises(MoeCompressError, match="unknown lint target"):
+        lint_checkpoint(good, target="tgi")
 
 
 def _cli(*args):
@@ -161,3 +230,17 @@ def test_cli_exit_codes(good, tiny, tmp_path):
     (bad / "config.json").write_text("{broken")
     r = _cli(bad)
     assert r.exit_code == 2 and "config.json" in r.output
+
+
+def test_cli_target_option(tiny, tmp_path):
+    bylayer = _export(tiny, tmp_path / "bylayer_cli", {0: [8] * 4, 1: [4] * 4, 2: [4] * 4})
+    r = _cli(bylayer)
+    assert r.exit_code == 1 and "HF201" in r.output and "[error hf]" in r.output
+    r = _cli(bylayer, "--target", "vllm")
+    assert r.exit_code == 0, r.output
+    r = _cli(bylayer, "--target", "hf", "--json")
+    out = json.loads(r.stdout)
+    assert r.exit_code == 1 and out["targets"] == ["hf"] and out["clean_for"] == {"hf": False}
+    assert out["findings"][0]["target"] == "hf" and {"rule", "name", "severity", "where", "message"} <= set(out["findings"][0])
+    r = _cli(bylayer, "--target", "tgi")
+    assert r.exit_code == 2 and "unknown lint target" in r.output
