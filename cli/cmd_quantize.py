@@ -56,6 +56,7 @@ def quantize(
     alpha: float = typer.Option(1.0, help="mixed precision: exponent of frequency and error in the cost"),
     beta: float = typer.Option(1.5, help="mixed precision: exponent of the routing-weight mass in the cost"),
     format: str = typer.Option("native", "--format", help="native (moecompress) or compressed-tensors (pack-quantized, for vLLM)"),
+    target: str = typer.Option(None, "--target", help="where the checkpoint will run: native (moecompress, any width per expert), vllm (compressed-tensors; 4-bit or 8-bit sym experts, one width per MoE layer) or hf (compressed-tensors, one symmetric width for all experts); refuses what the target cannot run and sets --format"),
     overwrite: bool = OVERWRITE,
     dry_run: bool = DRY_RUN,
     save_pipeline: Path = SAVE_PIPELINE,

@@ -27,6 +27,47 @@ from moecompress.passes.quantize import QuantizeConfig, QuantizePass
 from moecompress.quant.hf_integration import MoeCompressConfig, native_config
 
 FORMATS = ("native", "compressed-tensors")
+TARGET_NAMES = ("native", "vllm", "hf")
+
+
+def vllm_bit_choices(choices: tuple[int, ...], symmetric: bool) -> tuple[int, ...]:
+    """The candidate widths vLLM's MoE path runs at this symmetry (capability table, export/targets.py);
+    16 (a layer left dense) stays, since vLLM loads a dense MoE layer."""
+    from moecompress.export.targets import VLLM
+
+    runs = {s.bits for s in VLLM.moe_schemes if s.symmetric == symmetric}
+    kept = tuple(b for b in choices if b in runs or b == 16)
+    if not any(b != 16 for b in kept):
+        raise MoeCompressError(
+            f"--target vllm: none of --bit-choices {','.join(map(str, choices))} runs in {VLLM.runtime} ({VLLM.versions}) "
+            f"{'symmetric' if symmetric else 'asymmetric'} MoE layers (runs {sorted(runs)} bits); include one of them"
+        )
+    return kept
+
+
+def check_target(o: "QuantizeOptions") -> None:
+    """Refuse, before any work, what the target cannot run (the rule ids are the lint's)."""
+    from moecompress.export.targets import HF, VLLM, moe_symmetry_problem, moe_width_problem
+
+    if o.target == "native":
+        return
+    target = VLLM if o.target == "vllm" else HF
+    if o.bits_budget is None:
+        for rule, problem in (("VL301" if target is VLLM else "HF202", moe_width_problem(target, o.bits)),
+                              ("VL302" if target is VLLM else "HF202", moe_symmetry_problem(target, o.bits, o.symmetric))):
+            if problem:
+                raise MoeCompressError(f"--target {o.target}: {problem} (lint rule {rule}); choose --bits / --symmetric it runs, or --target native")
+    if target is HF:
+        if not o.symmetric:
+            raise MoeCompressError("--target hf: transformers does not load asymmetric experts correctly (lint rule HF202); drop --asymmetric or use --target native")
+        if o.bits_budget is not None:
+            raise MoeCompressError("--target hf: transformers dequantizes every routed expert with one scheme, so mixed widths load wrong "
+                                   "(lint rule HF201); use --target vllm (one width per layer) or --target native (one per expert)")
+        dense = [("--attention-bits", o.attention_bits if o.quantize_attention else None), ("--shared-expert-bits", o.shared_expert_bits)]
+        for flag, width in dense:
+            if width is not None and width not in (o.bits, 16):
+                raise MoeCompressError(f"--target hf: {flag} {width} differs from the experts' --bits {o.bits}; transformers "
+                                       "5.24 dequantizes it with the experts' scheme (lint rule HF203); use the same width or --target native")
 
 
 @dataclass
@@ -61,6 +102,16 @@ class QuantizeOptions:
     alpha: float = 1.0
     beta: float = 1.5
     format: str = "native"
+    target: str | None = None
+
+    def __post_init__(self) -> None:
+        # A target decides the format (and, for vLLM's one scheme per MoE layer, the granularity).
+        if self.target in ("vllm", "hf"):
+            self.format = "compressed-tensors"
+            if self.target == "vllm":
+                self.granularity = "layer"
+        elif self.target == "native":
+            self.format = "native"
 
     # ------------------------------------------------------------------ derived configs
 
@@ -85,6 +136,8 @@ class QuantizeOptions:
             choices = tuple(int(b) for b in str(self.bit_choices).split(",") if b.strip())
         except ValueError:
             raise MoeCompressError(f"--bit-choices must be comma-separated integers like 2,3,4,8, got {self.bit_choices!r}") from None
+        if self.target == "vllm":
+            choices = vllm_bit_choices(choices, self.symmetric)
         return MixedPrecisionConfig(
             budget=self.bits_budget, bit_choices=choices, allocation=self.allocation, granularity=self.granularity,
             alpha=self.alpha, beta=self.beta, min_bits=self.min_bits, max_bits=self.max_bits,
@@ -93,6 +146,9 @@ class QuantizeOptions:
 
     def validate(self) -> None:
         require_choice("format", self.format, FORMATS)
+        if self.target is not None:
+            require_choice("target", self.target, TARGET_NAMES)
+            check_target(self)
         require_int("batch_size", self.batch_size, 1)
         require_float("damp", self.damp, 0.0, low_open=True)
         require_float("min_tokens_fraction", self.min_tokens_fraction, 0.0, 1.0)
@@ -307,6 +363,7 @@ class QuantizeJob:
             "calibrate_all_experts": o.calibrate_all_experts,
             "agq": o.agq,
             "format": o.format,
+            "target": o.target,
             "input_bytes": folder_bytes(self.model),
             "output_bytes": folder_bytes(stage),
             "fallbacks": [{"layer": r.layer, "expert": r.expert, "tokens": r.tokens, "method": r.method} for r in fallbacks],
