@@ -357,7 +357,7 @@ def write_compress_report(path: str | Path, summary: dict, records: list[LayerFi
 def compress_experts_job(model_folder: str | Path, out: str | Path, cfg: CompressExpertsConfig, input_ids: torch.Tensor,
                          calibration: dict, overwrite: bool = False, batch_size: int = 8, progress: Progress | None = None):
     """Compressed experts from a ready-made config and calibration ids -> (JobResult, CompressExpertsPass)."""
-    from moecompress.api.quantize import _ConfigJob
+    from moecompress.api.quantize import ConfigJob
 
     def validate():
         cfg.validate()
@@ -370,7 +370,7 @@ def compress_experts_job(model_folder: str | Path, out: str | Path, cfg: Compres
             cfg.check_top_k(block.top_k, f"layer {block.layer_index}")
         check_distill_memory(lm, cfg, input_ids.shape[-1])
 
-    job = _ConfigJob("compress-experts", model_folder, [], validate,
+    job = ConfigJob("compress-experts", model_folder, [], validate,
                      lambda stage, progress: write_compressed_experts(model_folder, stage, cfg, input_ids, calibration, batch_size, progress))
     result = execute(job, out, overwrite, progress=progress)
     return result, job.value

@@ -444,7 +444,7 @@ def quantize(model: str | Path, out: str | Path, options: QuantizeOptions | None
 # ----------------------------------------------------------------------------------------------
 
 
-class _ConfigJob:
+class ConfigJob:
     """A job from ready-made configs; ``work(stage)`` returns (JobResult summary, pass, extra)."""
 
     def __init__(self, command: str, model, inputs, validate, work):
@@ -470,7 +470,7 @@ def quantize_job(model_folder: str | Path, out: str | Path, cfg: QuantizeConfig,
                  calibration: dict, overwrite: bool = False, batch_size: int = 8, progress: Progress | None = None,
                  extra: dict | None = None) -> tuple[JobResult, QuantizePass]:
     """Quantize ``model_folder`` into a native checkpoint at ``out`` -> (JobResult, QuantizePass)."""
-    job = _ConfigJob(
+    job = ConfigJob(
         "quantize", model_folder, [], lambda: (cfg.validate(), LayerwiseModel(model_folder).require_dense("quantize")),
         lambda stage, progress: write_quantized(model_folder, stage, cfg, input_ids, calibration, batch_size, progress, extra),
     )
@@ -489,7 +489,7 @@ def mixed_precision_job(model_folder: str | Path, out: str | Path, mp, qcfg: Qua
         qcfg.validate()
         check_budget_feasible(mp, qcfg.group_size, qcfg.symmetric)
 
-    job = _ConfigJob(
+    job = ConfigJob(
         "quantize", model_folder, [("statistics folder", stats_dir)], validate,
         lambda stage, progress: write_mixed_precision(model_folder, stage, mp, qcfg, input_ids, calibration, stats_dir,
                                                       batch_size, progress, profile_progress),
