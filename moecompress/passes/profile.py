@@ -269,11 +269,27 @@ class ExpertProfile:
         }
 
     def save(self, folder: str | Path) -> Path:
+        """Write the profile into ``folder``. Inside a job's staging folder the output contract covers it;
+        ``--stats DIR`` (a folder the user gave, receiving the profile for later runs) is written file by
+        file through temporary names, the JSON last: it marks the profile present, so a kill at any
+        instant leaves the old profile, none, or the new one whole, never a mix."""
+        import os
+
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         tensors = {f"layer{i}.{n}": t for i in self.moe_layers for n, t in self.layers[i].tensors().items()}
-        save_file(tensors, str(folder / PROFILE_TENSORS), metadata={"format": f"moecompress-profile-v{PROFILE_VERSION}"})  # one key: safetensors writes a multi-key metadata map in random order
-        (folder / PROFILE_JSON).write_text(json.dumps(self.describe(), indent=1))
+        tmp_tensors = folder / f".{PROFILE_TENSORS}.tmp-{os.getpid()}"
+        tmp_json = folder / f".{PROFILE_JSON}.tmp-{os.getpid()}"
+        try:
+            # one metadata key: safetensors writes a multi-key metadata map in random order
+            save_file(tensors, str(tmp_tensors), metadata={"format": f"moecompress-profile-v{PROFILE_VERSION}"})
+            tmp_json.write_text(json.dumps(self.describe(), indent=1))
+            (folder / PROFILE_JSON).unlink(missing_ok=True)  # no JSON = no profile while the tensors change
+            os.replace(tmp_tensors, folder / PROFILE_TENSORS)
+            os.replace(tmp_json, folder / PROFILE_JSON)
+        finally:
+            tmp_tensors.unlink(missing_ok=True)
+            tmp_json.unlink(missing_ok=True)
         return folder / PROFILE_JSON
 
     @staticmethod
