@@ -19,7 +19,9 @@ from torch import nn
 from transformers.core_model_loading import revert_weight_conversion
 
 from moecompress.errors import MoeCompressError
+from moecompress.export.load_guard import guard_names, write_guard
 from moecompress.model.families import OUTPUT_COPY_FILES
+from moecompress.quant.hf_integration import native_config
 
 
 
@@ -60,7 +62,11 @@ class CheckpointWriter:
             self.total_bytes += v.numel() * v.element_size()
 
     def finish(self, config, source_folder: Path | None = None) -> None:
-        """Index, config and tokenizer files."""
+        """The load guard (native checkpoints), index, config and tokenizer files."""
+        native = native_config(config)
+        if native is not None and native.get("modules"):
+            guards = guard_names(config, native["modules"], self.weight_map)
+            self.weight_map.update(write_guard(self.folder, guards))
         index = {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(self.weight_map.items()))}
         (self.folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
         config.save_pretrained(str(self.folder))

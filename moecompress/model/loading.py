@@ -32,7 +32,7 @@ from moecompress.model.checks import (
 )
 from moecompress.model.families import OUTPUT_HEAD
 from moecompress.model.view import MoEModelView, describe_model
-from moecompress.quant.hf_integration import native_config, rebuild_native_structure
+from moecompress.quant.hf_integration import GUARD_SHARD, native_config, rebuild_native_structure
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,8 @@ class CheckpointIndex:
                 weight_map = json.loads(index.read_text())["weight_map"]
             except (json.JSONDecodeError, KeyError) as exc:
                 raise MoeCompressError(f"{index} is not a valid safetensors index ({exc}); re-save the model") from exc
-            self.key_to_file = {k: folder / f for k, f in weight_map.items()}
+            # The load guard's shard holds tripwires for plain transformers, never weights for us.
+            self.key_to_file = {k: folder / f for k, f in weight_map.items() if f != GUARD_SHARD}
         elif single.exists():
             self.key_to_file = {k: single for k in self._keys_of(single)}
         else:

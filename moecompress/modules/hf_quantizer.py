@@ -16,6 +16,7 @@ The config half (:class:`~moecompress.quant.hf_integration.MoeCompressConfig`, w
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
@@ -27,7 +28,7 @@ from moecompress.model.expert_groups import apply_expert_groups
 from moecompress.modules.compressed_experts import MODULE_TYPE, CompressedExpertsBlock
 from moecompress.modules.packed import ExpertsSpec, PackedExperts, PackedLinear
 from moecompress.quant.format import check_readable_format
-from moecompress.quant.hf_integration import QUANT_METHOD, register_native_structure
+from moecompress.quant.hf_integration import GUARD_SHARD, QUANT_METHOD, register_native_structure
 
 __all__ = ["MoeCompressHfQuantizer", "apply_native_structure", "build_packed_module", "replace_modules"]
 
@@ -84,6 +85,13 @@ def apply_native_structure(model: torch.nn.Module, quantization_config: dict, dt
 register_native_structure(apply_native_structure)
 
 
+def guard_keys(files) -> list[str]:
+    """The tensor names in a checkpoint's load-guard shard (none for one written before the guard)."""
+    from moecompress.model.checks import checkpoint_keys
+
+    return checkpoint_keys([f for f in files if Path(f).name == GUARD_SHARD])
+
+
 @register_quantizer(QUANT_METHOD)
 class MoeCompressHfQuantizer(HfQuantizer):
     """Loads moecompress native checkpoints packed (never dequantized to dense)."""
@@ -96,6 +104,11 @@ class MoeCompressHfQuantizer(HfQuantizer):
             dtype = getattr(torch, dtype)
         apply_native_structure(model, self.quantization_config.to_dict(), dtype)
         files = kwargs.get("checkpoint_files")
+        guards = guard_keys(files or [])
+        if guards:  # the load guard's tripwires (export.load_guard) name no tensor of the runtime modules
+            ignore = set(model._keys_to_ignore_on_load_unexpected or [])
+            model._keys_to_ignore_on_load_unexpected = ignore | {f"^{re.escape(k)}$" for k in guards}
+            files = [f for f in files if Path(f).name != GUARD_SHARD]
         if files:  # refuse an incomplete checkpoint before transformers fills a missing buffer with garbage
             from moecompress.model.checks import check_native_tensors, checkpoint_keys
 

@@ -18,6 +18,9 @@ from moecompress.errors import MoeCompressError
 from moecompress.quant.format import CURRENT_FORMAT
 
 QUANT_METHOD = "moecompress"
+# The shard holding a native checkpoint's load guard (moecompress.export.load_guard): tripwires for a
+# plain transformers load, never read by moecompress.
+GUARD_SHARD = "moecompress-guard.safetensors"
 CONFIG_VERSION = 1
 
 # How a native checkpoint's structure (packed and wrapped modules, expert -> group maps) is rebuilt on a
