@@ -1,6 +1,6 @@
 """GPU benchmark of the dequant-GEMM kernels against the baselines of KERNELS.md section 5.
 
-    python benchmarks/kernels.py [--json] [--bits 4 3 mixed] [--batches 1 16 256] [--cudagraph]
+    python benchmarks/kernel_gemm.py [--json] [--bits 4 3 mixed] [--batches 1 16 256] [--cudagraph]
 
 Measures, in one run on one GPU:
 
@@ -241,12 +241,12 @@ def bench_dense(bench: Bench, args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if not torch.cuda.is_available():
-        print("benchmarks/kernels.py needs a CUDA GPU and none is available; run it on a GPU machine", file=sys.stderr)
+        print("benchmarks/kernel_gemm.py needs a CUDA GPU and none is available; run it on a GPU machine", file=sys.stderr)
         return 2
     try:
         import triton  # noqa: F401
     except ImportError:
-        print("benchmarks/kernels.py needs triton; install it (pip install triton)", file=sys.stderr)
+        print("benchmarks/kernel_gemm.py needs triton; install it (pip install triton)", file=sys.stderr)
         return 2
     bench = Bench(args)
     if not args.skip_moe:
