@@ -42,7 +42,7 @@ PACKAGE_DIRS = {"moecompress": REPO / "moecompress", "moecompress.cli": REPO / "
 # Lowest first. A unit is a subpackage (``moecompress.model``) or a top-level module
 # (``moecompress.errors``); units on one line form one layer and may import each other.
 LAYERS: list[tuple[str, ...]] = [
-    ("errors", "validation", "report"),  # leaves: user errors, option checks, markdown/figure helpers
+    ("errors", "validation", "report", "parallel"),  # leaves: user errors, option checks, markdown/figure helpers, torch.distributed plumbing
     ("quant", "algorithms"),  # packing format, grid, GPTQ, bit allocation, native config; tensor math
     ("kernels",),  # dequant-GEMM kernels and torch twins (read quant.format)
     ("model",),  # MoE view, family names, layer-by-layer loading, driver
