@@ -53,7 +53,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("evaluate",),  # perplexity of a saved model
     ("api", "jobs", "jobs_experts", "demo"),  # the Python API (jobs*, demo: the legacy api modules)
     ("pipeline",),  # YAML -> the same API calls
-    ("cli",),  # typer commands: parse, call the API, render
+    ("cli", "__main__"),  # typer commands: parse, call the API, render; `python -m moecompress` (torchrun -m)
 ]
 RANK = {unit: i for i, layer in enumerate(LAYERS) for unit in layer}
 
