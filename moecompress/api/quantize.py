@@ -30,44 +30,93 @@ FORMATS = ("native", "compressed-tensors")
 TARGET_NAMES = ("native", "vllm", "hf")
 
 
-def vllm_bit_choices(choices: tuple[int, ...], symmetric: bool) -> tuple[int, ...]:
-    """The candidate widths vLLM's MoE path runs at this symmetry (capability table, export/targets.py);
-    16 (a layer left dense) stays, since vLLM loads a dense MoE layer."""
-    from moecompress.export.targets import VLLM
-
-    runs = {s.bits for s in VLLM.moe_schemes if s.symmetric == symmetric}
+def vllm_bit_choices(choices: tuple[int, ...], symmetric: bool, version: str | None = None) -> tuple[int, ...]:
+    """The candidate widths vLLM's MoE path runs at this symmetry, in the release ``version`` (None: the
+    oldest supported; capability table, export/targets.py); 16 (a layer left dense) stays, since vLLM
+    loads a dense MoE layer."""
+    table = _target_table("vllm", version)
+    runs = table.widths(symmetric)
     kept = tuple(b for b in choices if b in runs or b == 16)
     if not any(b != 16 for b in kept):
         raise MoeCompressError(
-            f"--target vllm: none of --bit-choices {','.join(map(str, choices))} runs in {VLLM.runtime} ({VLLM.versions}) "
-            f"{'symmetric' if symmetric else 'asymmetric'} MoE layers (runs {sorted(runs)} bits); include one of them"
+            f"--target vllm: none of --bit-choices {','.join(map(str, choices))} runs in {table.label} ({table.versions}) "
+            f"{'symmetric' if symmetric else 'asymmetric'} MoE layers (runs {list(runs)} bits); include one of them"
         )
     return kept
 
 
-def check_target(o: "QuantizeOptions") -> None:
-    """Refuse, before any work, what the target cannot run (the rule ids are the lint's)."""
-    from moecompress.export.targets import HF, VLLM, moe_symmetry_problem, moe_width_problem
+def _target_table(name: str, version: str | None):
+    from moecompress.export.targets import get_target
 
-    if o.target == "native":
+    try:
+        return get_target(name, version)
+    except ValueError as exc:
+        raise MoeCompressError(str(exc)) from None
+
+
+def target_table(o: "QuantizeOptions"):
+    """The capability table ``o.target`` is judged by (None for native / no target)."""
+    if o.target == "vllm":
+        return _target_table("vllm", o.vllm_version)
+    if o.target == "hf":
+        return _target_table("hf", o.transformers_version)
+    return None
+
+
+def dense_widths(o: "QuantizeOptions", has_shared_experts: bool) -> dict[str, int]:
+    """flag -> width of every quantized attention / shared-expert linear the options ask for (the shared
+    experts follow --bits unless --shared-expert-bits says otherwise; 16 = kept dense, not listed)."""
+    shared = (o.shared_expert_bits if o.shared_expert_bits is not None else o.bits) if has_shared_experts else None
+    widths = {"--attention-bits": o.attention_bits if o.quantize_attention else None, "--shared-expert-bits": shared}
+    return {flag: w for flag, w in widths.items() if w not in (None, 16)}
+
+
+def check_target(o: "QuantizeOptions", has_shared_experts: bool = False) -> None:
+    """Refuse, before any work, what the target cannot run (the rule ids are the lint's).
+    ``has_shared_experts``: whether the model has them (the job knows; options alone do not)."""
+    from moecompress.export.targets import (
+        DENSE_AS_EXPERTS, DENSE_ONE_SCHEME, dense_bits_problem, moe_symmetry_problem, moe_width_problem,
+    )
+
+    for flag, value, owner in (("--vllm-version", o.vllm_version, "vllm"), ("--transformers-version", o.transformers_version, "hf")):
+        if value is not None and o.target != owner:
+            raise MoeCompressError(f"{flag} {value} applies to --target {owner} only, not --target {o.target or '(none)'}")
+    target = target_table(o)
+    if target is None:
         return
-    target = VLLM if o.target == "vllm" else HF
+    vllm = target.name == "vllm"
+    if vllm and o.bits_budget is not None and o.resolved_granularity() == "expert":
+        raise MoeCompressError(f"--target vllm: {target.label} reads one scheme per MoE layer, so --granularity expert "
+                               "cannot load (lint rule CT101); use --granularity layer or --target native")
     if o.bits_budget is None:
-        for rule, problem in (("VL301" if target is VLLM else "HF202", moe_width_problem(target, o.bits)),
-                              ("VL302" if target is VLLM else "HF202", moe_symmetry_problem(target, o.bits, o.symmetric))):
+        for rule, problem in (("VL301" if vllm else "HF202", moe_width_problem(target, o.bits)),
+                              ("VL302" if vllm else "HF202", moe_symmetry_problem(target, o.bits, o.symmetric))):
             if problem:
                 raise MoeCompressError(f"--target {o.target}: {problem} (lint rule {rule}); choose --bits / --symmetric it runs, or --target native")
-    if target is HF:
-        if not o.symmetric:
-            raise MoeCompressError("--target hf: transformers does not load asymmetric experts correctly (lint rule HF202); drop --asymmetric or use --target native")
-        if o.bits_budget is not None:
-            raise MoeCompressError("--target hf: transformers dequantizes every routed expert with one scheme, so mixed widths load wrong "
-                                   "(lint rule HF201); use --target vllm (one width per layer) or --target native (one per expert)")
-        dense = [("--attention-bits", o.attention_bits if o.quantize_attention else None), ("--shared-expert-bits", o.shared_expert_bits)]
-        for flag, width in dense:
-            if width is not None and width not in (o.bits, 16):
-                raise MoeCompressError(f"--target hf: {flag} {width} differs from the experts' --bits {o.bits}; transformers "
-                                       "5.24 dequantizes it with the experts' scheme (lint rule HF203); use the same width or --target native")
+    dense = dense_widths(o, has_shared_experts or o.shared_expert_bits is not None)
+    if vllm:
+        for flag, width in dense.items():
+            problem = dense_bits_problem(target, width)
+            if problem:
+                raise MoeCompressError(f"--target vllm: {flag} {width}: {problem} (lint rule VL305); choose a width it runs")
+        return
+    if not o.symmetric:
+        raise MoeCompressError(f"--target hf: {target.label} does not load asymmetric experts correctly (lint rule HF202); "
+                               "drop --asymmetric or use --target native")
+    if o.bits_budget is not None:
+        raise MoeCompressError(f"--target hf: {target.label} dequantizes every routed expert with one scheme, so mixed widths load wrong "
+                               "(lint rule HF201); use --target vllm (one width per layer) or --target native (one per expert)")
+    if target.dense_schemes == DENSE_AS_EXPERTS:
+        for flag, width in dense.items():
+            if width != o.bits:
+                raise MoeCompressError(f"--target hf: {flag} {width} differs from the experts' --bits {o.bits}; {target.label} "
+                                       "dequantizes it with the experts' scheme (lint rule HF203); use the same width, "
+                                       "--transformers-version 5.25, or --target native")
+    elif target.dense_schemes == DENSE_ONE_SCHEME and len(set(dense.values())) > 1:
+        shown = ", ".join(f"{flag} {w}" for flag, w in dense.items())
+        raise MoeCompressError(f"--target hf: {shown} differ; {target.label} dequantizes every attention / shared-expert linear "
+                               "with one scheme (lint rule HF203); give them one width (--shared-expert-bits defaults to --bits) "
+                               "or use --target native")
 
 
 @dataclass
@@ -92,7 +141,7 @@ class QuantizeOptions:
     batch_size: int = 8
     bits_budget: float | None = None
     bit_choices: str = "2,3,4,8"
-    granularity: str = "expert"
+    granularity: str | None = None  # None: "layer" for --target vllm (one scheme per MoE layer), else "expert"
     allocation: str = "global"
     super_experts: str = "pin"
     stats: str | None = None
@@ -103,15 +152,22 @@ class QuantizeOptions:
     beta: float = 1.5
     format: str = "native"
     target: str | None = None
+    vllm_version: str | None = None  # --target vllm: the release its rules describe (None: the oldest supported)
+    transformers_version: str | None = None  # --target hf: likewise
 
     def __post_init__(self) -> None:
-        # A target decides the format (and, for vLLM's one scheme per MoE layer, the granularity).
+        # A target decides the format (and, for vLLM's one scheme per MoE layer, the default granularity,
+        # resolved_granularity(); an explicit --granularity expert is refused by check_target).
         if self.target in ("vllm", "hf"):
             self.format = "compressed-tensors"
-            if self.target == "vllm":
-                self.granularity = "layer"
         elif self.target == "native":
             self.format = "native"
+
+    def resolved_granularity(self) -> str:
+        """--granularity, or its default: one width per MoE layer for --target vllm, else per expert."""
+        if self.granularity is not None:
+            return self.granularity
+        return "layer" if self.target == "vllm" else "expert"
 
     # ------------------------------------------------------------------ derived configs
 
@@ -137,9 +193,9 @@ class QuantizeOptions:
         except ValueError:
             raise MoeCompressError(f"--bit-choices must be comma-separated integers like 2,3,4,8, got {self.bit_choices!r}") from None
         if self.target == "vllm":
-            choices = vllm_bit_choices(choices, self.symmetric)
+            choices = vllm_bit_choices(choices, self.symmetric, self.vllm_version)
         return MixedPrecisionConfig(
-            budget=self.bits_budget, bit_choices=choices, allocation=self.allocation, granularity=self.granularity,
+            budget=self.bits_budget, bit_choices=choices, allocation=self.allocation, granularity=self.resolved_granularity(),
             alpha=self.alpha, beta=self.beta, min_bits=self.min_bits, max_bits=self.max_bits,
             super_experts=self.super_experts, profile_method=self.profile_method, export_format=self.format,
         )
@@ -301,14 +357,17 @@ class QuantizeJob:
         o.validate()
         lm = LayerwiseModel(self.model)  # meta skeleton: the folder, architecture and config are checked
         lm.require_dense("quantize")
+        # the model decides whether the shared experts (at --bits by default) are dense modules to check
+        check_target(o, has_shared_experts=any(b.shared is not None for b in lm.view.blocks.values()))
         from moecompress.passes.quantize import check_group_size_fits
 
         # shapes only, before any work; compressed-tensors needs whole groups
         check_group_size_fits(o.quantize_config(), lm.layers, lm.view.blocks, whole_groups=o.format == "compressed-tensors")
         if o.format == "compressed-tensors":
-            from moecompress.export.compressed_tensors import check_no_expert_groups
+            from moecompress.export.compressed_tensors import check_model_exportable, check_no_expert_groups
 
             check_no_expert_groups(native_config(read_config(self.model)) or {}, str(self.model))
+            check_model_exportable(lm.model, lm.view)
         if o.needs_calibration():
             from moecompress.api.calibration import require_tokenizer
 
@@ -364,6 +423,7 @@ class QuantizeJob:
             "agq": o.agq,
             "format": o.format,
             "target": o.target,
+            "target_version": None if target_table(o) is None else target_table(o).version,
             "input_bytes": folder_bytes(self.model),
             "output_bytes": folder_bytes(stage),
             "fallbacks": [{"layer": r.layer, "expert": r.expert, "tokens": r.tokens, "method": r.method} for r in fallbacks],
@@ -385,7 +445,8 @@ class QuantizeJob:
 
                 ct_budget = compressed_tensors_budget(stage, mp_result.plan)
                 sections += [f"- **budget used, recomputed from the compressed-tensors config**: {ct_budget:.4f}", ""]
-                summary["lint_errors"] = len(lint_checkpoint(stage).errors)
+                judged = o.target if o.target in ("vllm", "hf") else None  # no target: both runtimes
+                summary["lint_errors"] = len(lint_checkpoint(stage, judged, o.vllm_version, o.transformers_version).errors)
         report_summary = {k: v for k, v in summary.items() if k != "fallbacks"}
         write_quantize_report(stage / "report.md", "moecompress quantize", report_summary, qpass.report, sections)
         result = JobResult(None, summary)

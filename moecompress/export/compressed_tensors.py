@@ -33,7 +33,9 @@ compressed-tensors cannot hold is a partial last group (its group quantization r
 
 ``quantization_config``: one ``config_groups`` entry per scheme (width, group, symmetry), its
 ``targets`` anchored ``re:`` patterns naming exactly the modules it covers (disjoint by
-construction); routers, ``shared_expert_gate`` and ``lm_head`` listed in ``ignore``.
+construction; an experts pattern also names ``gate_proj|up_proj|down_proj``, the names vLLM looks a MoE
+layer's scheme up under whatever the family calls them, :data:`VLLM_PROBE_PROJECTIONS`); routers,
+``shared_expert_gate`` and ``lm_head`` listed in ``ignore``.
 """
 
 from __future__ import annotations
@@ -131,7 +133,7 @@ def expert_checkpoint_names(model, experts_path: str, num_experts: int, has_gate
         if value.numel() != 1 or not key.endswith(".weight"):
             raise MoeCompressError(
                 f"{experts_path}: this model family stores its experts fused in checkpoints ({key}); the "
-                "compressed-tensors export needs per-expert checkpoint names, use --format native"
+                "compressed-tensors export needs per-expert checkpoint names; use --target native / --format native"
             )
         marker = int(value.reshape(-1)[0])
         names[(marker // 3, ("gate", "up", "down")[marker % 3])] = key[: -len(".weight")]
@@ -176,9 +178,17 @@ def scheme_dict(key: SchemeKey, targets: list[str]) -> dict:
     return QuantizationScheme(targets=targets, weights=args, format="pack-quantized").model_dump()
 
 
+# vLLM (``CompressedTensorsMoEMethod.get_moe_method``) resolves a MoE layer's scheme by looking up the
+# names ``<experts>.0.gate_proj / .0.up_proj / .0.down_proj``, whatever the family's checkpoint names are
+# (Mixtral and PhiMoE store w1 / w3 / w2): a pattern naming only w1|w2|w3 leaves the layer "unquantized"
+# in vLLM while its tensors are packed, and the load fails. The patterns therefore also name these.
+VLLM_PROBE_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+
+
 def expert_targets(names: dict[tuple[int, str], str], experts_path: str, experts: list[int], num_experts: int) -> str:
-    """One anchored ``re:`` pattern matching exactly the given experts' projections of one layer."""
-    projections = sorted({name.rsplit(".", 1)[-1] for name in names.values()})
+    """One anchored ``re:`` pattern matching exactly the given experts' projections of one layer (and
+    vLLM's lookup names for them, :data:`VLLM_PROBE_PROJECTIONS`)."""
+    projections = sorted({name.rsplit(".", 1)[-1] for name in names.values()} | set(VLLM_PROBE_PROJECTIONS))
     for (e, _proj), name in names.items():
         if not name.startswith(f"{experts_path}.{e}.") or name.count(".") != experts_path.count(".") + 2:
             raise MoeCompressError(f"unexpected per-expert checkpoint name {name!r} under {experts_path}")
@@ -275,6 +285,19 @@ def check_exportable(modules: dict[str, dict], allow_mixed_layers: bool = False)
             )
 
 
+def check_model_exportable(model, view) -> None:
+    """Before any work (``quantize --format compressed-tensors`` / ``--target vllm|hf``): what the conversion
+    would refuse only after the whole quantization sweep -- experts with biases (compressed-tensors has no
+    place for them; gpt_oss) and experts stored fused in checkpoints (no per-expert names; granitemoe).
+    ``model``: the (meta) skeleton, ``view``: its :class:`~moecompress.model.view.MoEModelView`."""
+    for index, block in sorted(view.blocks.items()):
+        path = f"{view.layers_name}.{index}.{block.experts_name}"
+        if block.experts.has_bias:
+            raise MoeCompressError(f"{path}: experts with biases cannot be exported to compressed-tensors (it stores no "
+                                   "expert biases); use --target native / --format native")
+        expert_checkpoint_names(model, path, block.experts.num_experts, block.experts.has_gate)
+
+
 def _expert_tensors(path: str, d: dict, names, shard) -> tuple[dict[str, torch.Tensor], dict[SchemeKey, list[int]], list[str]]:
     """Per-expert tensors of one experts module -> (tensors, scheme -> experts, dense expert names)."""
     out: dict[str, torch.Tensor] = {}
@@ -339,7 +362,11 @@ def convert_native_to_compressed_tensors(native: str | Path, target: str | Path,
     new_map: dict[str, str] = {}
     total = 0
     target.mkdir(parents=True, exist_ok=True)
-    for shard_name in sorted(set(weight_map.values())):
+    from moecompress.quant.hf_integration import GUARD_SHARD
+
+    # The native load guard's shard (tripwires for a plain transformers load of the NATIVE checkpoint)
+    # has no place in a compressed-tensors checkpoint, which loads without moecompress.
+    for shard_name in sorted(set(weight_map.values()) - {GUARD_SHARD}):
         tensors: dict[str, torch.Tensor] = {}
         with safe_open(str(native / shard_name), "pt") as shard:
             keys = set(shard.keys())

@@ -21,12 +21,24 @@ CT106   packed-tensors-consistent            all     error    weight_packed / we
 HF201   transformers-one-experts-scheme      hf      error    transformers resolves ONE experts scheme (``get_experts_scheme``): it
                                                               must be the scheme of every routed expert
 HF202   transformers-symmetric-experts       hf      error    transformers does not load asymmetric experts correctly
-HF203   transformers-dense-matches-experts   hf      error    quantized attention / shared-expert linears use the experts' scheme
-VL301   vllm-moe-widths                      vllm    error    vLLM's WNA16 MoE backends run 4- and 8-bit experts only
+HF203   transformers-dense-matches-experts   hf      error    quantized attention / shared-expert linears use the scheme transformers
+                                                              dequantizes them with: the experts' (5.24); one for all dense modules,
+                                                              the group ``get_dense_scheme`` resolves (5.25)
+VL301   vllm-moe-widths                      vllm    error    vLLM's WNA16 MoE backends run 4- and 8-bit experts only (``humming``:
+                                                              also 2-bit symmetric)
 VL302   vllm-moe-symmetry                    vllm    error    8-bit experts must be symmetric (vLLM runs 4-bit sym/asym, 8-bit sym)
 VL303   vllm-marlin-eligible                 vllm    warning  group size in {-1,32,64,128}, hidden % 128 == 0, intermediate %
                                                               max(64, group) == 0, else a slower MoE backend
+VL304   vllm-moe-scheme-lookup               vllm    error    vLLM looks a MoE layer's scheme up under ``<experts>.0.gate_proj``,
+                                                              ``.0.up_proj``, ``.0.down_proj`` (whatever the checkpoint calls them):
+                                                              that lookup must give expert 0's stored scheme (or none for a dense layer)
+VL305   vllm-dense-widths                    vllm    error    quantized attention / shared-expert linears at a width vLLM's dense
+                                                              path runs (0.33: 4, 8; ``humming``: 2-8)
 ======  ===================================  ======  ======== ======================================================
+
+Which release each target rule describes: ``vllm_version`` ("0.33", the default, or "humming") and
+``transformers_version`` ("5.24", the default, or "5.25"); the tables are
+:data:`moecompress.export.targets.VERSIONS`.
 
 Exit codes of ``moecompress lint``: 0 no errors for the chosen targets (warnings allowed), 1 findings
 with errors, 2 input that cannot be read or is no compressed-tensors checkpoint at all
@@ -65,12 +77,15 @@ RULES: dict[str, tuple[str, str]] = {
     "VL301": ("vllm-moe-widths", tg.ERROR),
     "VL302": ("vllm-moe-symmetry", tg.ERROR),
     "VL303": ("vllm-marlin-eligible", tg.WARNING),
+    "VL304": ("vllm-moe-scheme-lookup", tg.ERROR),
+    "VL305": ("vllm-dense-widths", tg.ERROR),
 }
 RULE_TARGETS: dict[str, tuple[str, ...]] = {
     "CT100": (tg.ALL,), "CT101": ("vllm",), "CT102": (tg.ALL, "hf"), "CT103": (tg.ALL,), "CT104": (tg.ALL,),
     "CT105": (tg.ALL,), "CT106": (tg.ALL,), "HF201": ("hf",), "HF202": ("hf",), "HF203": ("hf",),
-    "VL301": ("vllm",), "VL302": ("vllm",), "VL303": ("vllm",),
+    "VL301": ("vllm",), "VL302": ("vllm",), "VL303": ("vllm",), "VL304": ("vllm",), "VL305": ("vllm",),
 }
+_VLLM_PROBES = ("gate_proj", "up_proj", "down_proj")  # get_moe_method's unfused names for expert 0
 TARGET_NAMES: tuple[str, ...] = tuple(tg.TARGETS)
 VLLM_MOE_BITS = tuple(sorted({s.bits for s in tg.VLLM.moe_schemes}))  # kept for importers
 _EXPERT_MODULE = re.compile(r"^(?P<path>.*experts)\.(?P<expert>\d+)\.(?P<proj>[A-Za-z0-9_]+)$")
@@ -105,6 +120,7 @@ class LintReport:
     findings: list[Finding] = field(default_factory=list)
     summary: dict = field(default_factory=dict)
     targets: tuple[str, ...] = TARGET_NAMES
+    tables: dict = field(default_factory=dict)  # target -> TargetCapabilities the findings were judged by
 
     @property
     def errors(self) -> list[Finding]:
@@ -126,6 +142,7 @@ class LintReport:
 
     def as_json(self) -> dict:
         return {"folder": self.folder, "clean": self.clean, "targets": list(self.targets),
+                "versions": {t: table.version for t, table in self.tables.items()},
                 "clean_for": {t: self.clean_for(t) for t in self.targets},
                 "findings": [f.as_json() for f in self.findings], "summary": self.summary}
 
@@ -240,16 +257,26 @@ def _resolve_targets(target) -> tuple[str, ...]:
     return tuple(dict.fromkeys(names)) or TARGET_NAMES
 
 
-def lint_checkpoint(folder: str | Path, target: str | list[str] | tuple[str, ...] | None = None) -> LintReport:
-    """Lint the checkpoint at ``folder`` for ``target`` ("vllm", "hf", a list of them, or None: both);
-    raises MoeCompressError when it cannot be read."""
+def _resolve_tables(vllm_version: str | None, transformers_version: str | None) -> dict:
+    try:
+        return {"vllm": tg.get_target("vllm", vllm_version), "hf": tg.get_target("hf", transformers_version)}
+    except ValueError as exc:
+        raise MoeCompressError(str(exc)) from None
+
+
+def lint_checkpoint(folder: str | Path, target: str | list[str] | tuple[str, ...] | None = None,
+                    vllm_version: str | None = None, transformers_version: str | None = None) -> LintReport:
+    """Lint the checkpoint at ``folder`` for ``target`` ("vllm", "hf", a list of them, or None: both), each
+    judged by its table at the given release (None: the oldest supported); raises MoeCompressError when
+    it cannot be read or a version is unknown."""
     folder = Path(folder)
     chosen = _resolve_targets(target)
+    tables = _resolve_tables(vllm_version, transformers_version)
     if not folder.is_dir():
         raise MoeCompressError(f"{folder} is not a folder; pass a checkpoint folder")
     config = _read_json(folder / "config.json")
     tensors = _read_tensors(folder)
-    report = LintReport(str(folder), targets=chosen)
+    report = LintReport(str(folder), targets=chosen, tables={t: tables[t] for t in chosen})
     qc_raw = config.get("quantization_config")
     if not isinstance(qc_raw, dict) or qc_raw.get("quant_method") != "compressed-tensors":
         method = qc_raw.get("quant_method") if isinstance(qc_raw, dict) else None
@@ -285,11 +312,12 @@ def lint_checkpoint(folder: str | Path, target: str | list[str] | tuple[str, ...
         scheme_of[m] = None if (not hits or _ignored(m, ignore, True)) else hits[0]
 
     experts = _expert_modules(modules)
-    _check_moe_layers(report, experts, modules, scheme_of, groups, tensors)
+    _check_moe_layers(report, tables, experts, modules, scheme_of, groups, ignore, tensors)
     _check_quantized_tensors(report, modules, scheme_of, groups, tensors)
     _check_routers(report, experts, modules, ignore)
+    _check_vllm_dense(report, tables["vllm"], experts, modules, scheme_of, groups)
     if "hf" in chosen:
-        _check_transformers(report, qc, experts, modules, scheme_of)
+        _check_transformers(report, tables["hf"], qc, experts, modules, scheme_of)
     report.summary = {
         "moe_layers": len(experts),
         "experts": sum(len({e for e, _ in v}) for v in experts.values()),
@@ -327,8 +355,9 @@ def _layer_dims(members, tensors: _Tensors) -> tuple[int, int] | None:
     return None
 
 
-def _check_moe_layers(report: LintReport, experts, modules, scheme_of, groups, tensors: _Tensors) -> None:
-    vllm = tg.VLLM
+def _check_moe_layers(report: LintReport, tables: dict, experts, modules, scheme_of, groups, ignore: list[str],
+                      tensors: _Tensors) -> None:
+    vllm = tables["vllm"]
     for path, members in experts.items():
         schemes = defaultdict(list)
         dense = []
@@ -338,9 +367,10 @@ def _check_moe_layers(report: LintReport, experts, modules, scheme_of, groups, t
                 dense.append((e, m, "stored dense" if "weight_packed" not in modules[m] else "matched by no config group (or ignored)"))
                 continue
             schemes[scheme].append(m)
+        _check_vllm_lookup(report, vllm, path, members, scheme_of, groups, ignore)
         if dense and not schemes:
             # a MoE layer left wholly dense: vLLM loads it (no scheme for the layer); transformers does not
-            for t in (tg.VLLM, tg.HF):
+            for t in tables.values():
                 problem = tg.dense_layer_problem(t)
                 if problem:
                     report.add("CT102", path, f"every routed expert is left dense: {problem}", t.name)
@@ -375,6 +405,33 @@ def _check_moe_layers(report: LintReport, experts, modules, scheme_of, groups, t
             problem = tg.marlin_problem(vllm, group, *dims) if divides else None
             if problem:
                 report.add("VL303", path, problem, vllm.name)
+
+
+def _vllm_scheme_of(name: str, groups: dict, ignore: list[str]) -> str | None:
+    """The group vLLM resolves for a module name: ignored -> None, else the first group with a matching
+    target (``find_matched_target``: exact name or ``re:`` match; a ``Linear`` class target covers MoE
+    layers too, ``_add_fused_moe_to_target_scheme_map``), else None (unquantized)."""
+    if _ignored(name, ignore, False):
+        return None
+    hits = _groups_matching(name, groups, True)
+    return hits[0] if hits else None
+
+
+def _check_vllm_lookup(report: LintReport, vllm, path: str, members, scheme_of, groups, ignore: list[str]) -> None:
+    """VL304: the scheme vLLM reads for the layer (from expert 0's gate/up/down lookup names) is the one
+    expert 0 is stored with."""
+    looked_up = {_vllm_scheme_of(f"{path}.0.{p}", groups, ignore) for p in _VLLM_PROBES}
+    stored = {scheme_of.get(m) for e, m in members if e == 0}
+    if len(looked_up) > 1:
+        report.add("VL304", path, f"vLLM looks the layer's scheme up under {path}.0.{{gate,up,down}}_proj and finds "
+                   f"{len(looked_up)} different ones ({', '.join(sorted(map(str, looked_up)))}); it refuses the layer", vllm.name)
+        return
+    found = next(iter(looked_up))
+    if len(stored) == 1 and found not in stored:
+        want = next(iter(stored))
+        report.add("VL304", path, f"vLLM looks the layer's scheme up under {path}.0.{{gate,up,down}}_proj and finds "
+                   f"{found or 'none (unquantized)'}, but expert 0 is stored {'dense' if want is None else f'with {want}'}; "
+                   "the targets must also match vLLM's gate_proj / up_proj / down_proj names", vllm.name)
 
 
 def _check_quantized_tensors(report: LintReport, modules, scheme_of, groups, tensors: _Tensors) -> None:
@@ -415,6 +472,20 @@ def _check_quantized_tensors(report: LintReport, modules, scheme_of, groups, ten
             report.add("CT106", m, f"symmetric scheme ({scheme_name}) but a weight_zero_point is stored")
 
 
+def _check_vllm_dense(report: LintReport, vllm, experts, modules, scheme_of, groups) -> None:
+    """VL305: every packed linear outside the routed experts runs on vLLM's dense WNA16 path."""
+    expert_modules = {m for members in experts.values() for _, m in members}
+    by_group: dict[str, list[str]] = defaultdict(list)
+    for m, g in sorted(scheme_of.items()):
+        if g is not None and m not in expert_modules and "weight_packed" in modules[m]:
+            by_group[g].append(m)
+    for g, ms in sorted(by_group.items()):
+        w = groups[g].weights
+        problem = tg.dense_bits_problem(vllm, w.num_bits if w else None)
+        if problem:
+            report.add("VL305", g, f"{len(ms)} attention / shared-expert linears (e.g. {ms[0]}): {problem}; they fail at load", vllm.name)
+
+
 def _check_routers(report: LintReport, experts, modules, ignore: list[str]) -> None:
     names = [OUTPUT_HEAD] if OUTPUT_HEAD in modules else []
     for path in experts:
@@ -427,11 +498,10 @@ def _check_routers(report: LintReport, experts, modules, ignore: list[str]) -> N
             report.add("CT104", name, "is not in quantization_config.ignore; vLLM and llm-compressor expect routers and lm_head there")
 
 
-def _check_transformers(report: LintReport, qc, experts, modules, scheme_of) -> None:
+def _check_transformers(report: LintReport, hf: tg.TargetCapabilities, qc, experts, modules, scheme_of) -> None:
     """transformers resolves one experts scheme for the whole model and dequantizes every expert with it."""
     from transformers.integrations.compressed_tensors import get_experts_scheme
 
-    hf = tg.HF
     expert_modules = {m for members in experts.values() for _, m in members}
     used = {scheme_of.get(m) for m in expert_modules} - {None}
     if not used:
@@ -454,13 +524,15 @@ def _check_transformers(report: LintReport, qc, experts, modules, scheme_of) -> 
     if len(used) != 1:
         return  # HF201 already: no single experts scheme to compare the dense modules with
     experts_key = tg.scheme_key(qc.config_groups[next(iter(used))].weights)
+    dense_group = tg.dense_scheme_group(qc.config_groups)
+    dense_key = tg.scheme_key(qc.config_groups[dense_group].weights) if dense_group is not None else None
     others: dict[str, list[str]] = defaultdict(list)
     for m, g in sorted(scheme_of.items()):
         if g is None or m in expert_modules or "weight_packed" not in modules[m]:
             continue
         others[g].append(m)
     for g, ms in sorted(others.items()):
-        problem = tg.dense_width_problem(hf, tg.scheme_key(qc.config_groups[g].weights), experts_key)
+        problem = tg.dense_width_problem(hf, tg.scheme_key(qc.config_groups[g].weights), experts_key, dense_key)
         if problem:
             report.add("HF203", g, f"{len(ms)} attention / shared-expert linears (e.g. {ms[0]}): {problem}", hf.name)
 

@@ -34,6 +34,13 @@ def run(*args):
     (["--target", "hf", "--bits-budget", "4.5"], "HF201"),
     (["--target", "hf", "--quantize-attention", "--attention-bits", "8"], "HF203"),
     (["--target", "vllm", "--bits-budget", "4.5", "--bit-choices", "2,3"], "include one of them"),
+    (["--target", "vllm", "--bits", "3", "--vllm-version", "humming"], "VL301"),
+    (["--target", "vllm", "--bits", "2", "--asymmetric", "--vllm-version", "humming"], "VL302"),
+    (["--target", "vllm", "--quantize-attention", "--attention-bits", "2"], "VL305"),
+    (["--target", "vllm", "--bits-budget", "4.5", "--granularity", "expert"], "CT101"),
+    (["--target", "hf", "--transformers-version", "5.25", "--asymmetric"], "HF202"),
+    (["--target", "hf", "--vllm-version", "humming"], "applies to --target vllm only"),
+    (["--target", "vllm", "--vllm-version", "0.2"], "unknown --vllm-version '0.2' for target vllm; choose from 0.33, humming"),
 ])
 def test_what_the_target_cannot_run_is_refused_before_work(model, tmp_path, args, rule):
     result = run("quantize", model, tmp_path / "q", *FAST, *args)
@@ -52,3 +59,20 @@ def test_vllm_target_mixed_precision_uses_only_vllm_widths_per_layer_and_lints_c
     assert widths <= {4, 8}
     report = lint_checkpoint(out, target="vllm")
     assert report.clean_for("vllm"), [str(f) for f in report.findings]
+
+
+def test_vllm_humming_target_writes_two_bit_experts_that_lint_clean_for_humming_only(model, tmp_path):
+    out = tmp_path / "q"
+    result = run("quantize", model, out, *FAST, "--target", "vllm", "--bits", "2", "--vllm-version", "humming", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["target_version"] == "humming"
+    assert lint_checkpoint(out, target="vllm", vllm_version="humming").clean
+    assert lint_checkpoint(out, target="vllm").rules_hit() == {"VL301"}, "vLLM 0.33 refuses 2-bit MoE"
+
+
+def test_vllm_bit_choices_follow_the_version():
+    from moecompress.api.quantize import vllm_bit_choices
+
+    assert vllm_bit_choices((2, 3, 4, 8), True) == (4, 8)
+    assert vllm_bit_choices((2, 3, 4, 8), True, "humming") == (2, 4, 8)
+    assert vllm_bit_choices((2, 3, 4, 8, 16), False, "humming") == (4, 16), "2-bit asymmetric is not claimed"

@@ -4,6 +4,7 @@ the target it names, and no other rule); exit codes 0 / 1 / 2 through the comman
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import pytest
@@ -18,6 +19,15 @@ from moecompress.export.lint import RULE_TARGETS, RULES, lint_checkpoint
 from moecompress.api.quantize import quantize_job
 from moecompress.model.tiny import save_tiny_model
 from moecompress.passes.quantize import QuantizeConfig
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny matrices: intra-op threads only add synchronisation on a shared, loaded CPU."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -153,7 +163,7 @@ def test_ct106_packed_tensor_shape(good, tmp_path):
 
 
 def test_vl301_two_bit_experts_fail_in_vllm(tiny, tmp_path):
-    folder = _export(tiny, tmp_path / "two", bits=2, attention_bits=2)
+    folder = _export(tiny, tmp_path / "two", bits=2, attention_bits=None)  # 2-bit attention would be VL305 too
     report = lint_checkpoint(folder)
     assert report.rules_hit() == {"VL301"} and not report.clean, "was only a warning before: vLLM 0.33 refuses 2-bit MoE"
     assert {f.target for f in report.findings} == {"vllm"} and report.clean_for("hf")
@@ -194,9 +204,97 @@ def test_vl303_not_marlin_eligible_is_a_vllm_warning(tmp_path):
     assert lint_checkpoint(folder, target="hf").findings == []
 
 
+def test_vl304_vllm_looks_the_scheme_up_under_gate_up_down_names(tmp_path):
+    """Mixtral stores w1/w3/w2; vLLM asks for <experts>.0.gate_proj/up_proj/down_proj. Targets naming only
+    w1|w2|w3 leave the layer unquantized in vLLM while its tensors are packed."""
+    src = tmp_path / "mixtral"
+    save_tiny_model("mixtral", src, hidden_size=128, intermediate_size=128)
+    folder = _export(src, tmp_path / "mixtral_ct")
+    assert lint_checkpoint(folder).findings == [], "the export names vLLM's lookup names too"
+    bad = _copy(folder, tmp_path)
+
+    def only_checkpoint_names(qc):
+        for group in qc["config_groups"].values():
+            group["targets"] = [re.sub(r"\([a-z0-9_|]+\)\$$", "(w1|w2|w3)$", t) for t in group["targets"]]
+
+    _edit_config(bad, only_checkpoint_names)
+    report = lint_checkpoint(bad)
+    assert report.rules_hit() == {"VL304"} and report.clean_for("hf") and not report.clean_for("vllm")
+    assert "none (unquantized)" in report.findings[0].message and len(report.findings) == 3  # one per MoE layer
+
+
+def test_vllm_version_humming_runs_two_bit_symmetric_experts_only(tiny, tmp_path):
+    two = _export(tiny, tmp_path / "two_h", bits=2, attention_bits=2)
+    assert lint_checkpoint(two, "vllm").rules_hit() == {"VL301", "VL305"}, "0.33 (the default) refuses 2-bit MoE and linears"
+    assert lint_checkpoint(two, "vllm", vllm_version="humming").findings == []
+    three = _export(tiny, tmp_path / "three_h", bits=3, attention_bits=3)
+    assert lint_checkpoint(three, "vllm", vllm_version="humming").rules_hit() == {"VL301"}, "3-bit MoE is still in review"
+    two_asym = _export(tiny, tmp_path / "two_asym_h", bits=2, attention_bits=2, symmetric=False)
+    report = lint_checkpoint(two_asym, "vllm", vllm_version="humming")
+    assert report.rules_hit() == {"VL302"} and "2-bit asymmetric" in report.findings[0].message
+    assert report.as_json()["versions"] == {"vllm": "humming"}
+
+
+@pytest.fixture(scope="module")
+def tiny_shared(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("lint_shared")
+    save_tiny_model("qwen2_moe", folder)  # shared experts: a second kind of dense module
+    return folder
+
+
+def _export_dense(model, folder, attention_bits, shared_expert_bits):
+    cfg = QuantizeConfig(bits=4, group_size=32, method="rtn", attention_bits=attention_bits, shared_expert_bits=shared_expert_bits)
+    native = folder.parent / f"{folder.name}_native"
+    quantize_job(model, native, cfg, None, {"source": "none"})
+    return convert_native_to_compressed_tensors(native, folder)
+
+
+@pytest.fixture(scope="module")
+def two_dense(tiny_shared, tmp_path_factory):
+    """Attention 8-bit, shared experts 2-bit, experts 4-bit: two dense schemes."""
+    return _export_dense(tiny_shared, tmp_path_factory.mktemp("two_dense") / "ct", attention_bits=8, shared_expert_bits=2)
+
+
+def test_hf203_on_transformers_525_dense_modules_share_one_scheme_of_their_own(tiny_shared, two_dense, tmp_path):
+    own = _export_dense(tiny_shared, tmp_path / "own8", attention_bits=8, shared_expert_bits=8)
+    assert lint_checkpoint(own, "hf").rules_hit() == {"HF203"}, "5.24 (the default) dequantizes them with the experts' scheme"
+    assert lint_checkpoint(own, "hf", transformers_version="5.25").findings == [], "5.25 loads them with their own (one) scheme"
+    report = lint_checkpoint(two_dense, "hf", transformers_version="5.25")
+    assert report.rules_hit() == {"HF203"} and "get_dense_scheme" in report.findings[0].message
+    # groups are ordered by width: the 2-bit shared experts' group comes first, so it is the resolved one
+    assert "self_attn" in report.findings[0].message and "(2-bit sym, group 32)" in report.findings[0].message
+
+
+def test_dense_scheme_group_agrees_with_the_installed_transformers(two_dense):
+    """Our written-out copy of transformers 5.25's get_dense_scheme picks the same group as the real one."""
+    from compressed_tensors.quantization import QuantizationConfig
+    from transformers.integrations.compressed_tensors import get_dense_scheme
+
+    from moecompress.export.targets import dense_scheme_group
+
+    qc = QuantizationConfig.model_validate(json.loads((two_dense / "config.json").read_text())["quantization_config"])
+    assert qc.config_groups[dense_scheme_group(qc.config_groups)] is get_dense_scheme(qc)
+
+
+def test_unknown_runtime_version_is_refused(good):
+    from moecompress.errors import MoeCompressError
+
+    with pytest.raises(MoeCompressError, match="unknown --vllm-version '0.2' for target vllm; choose from 0.33, humming"):
+        lint_checkpoint(good, vllm_version="0.2")
+    with pytest.raises(MoeCompressError, match="--transformers-version"):
+        lint_checkpoint(good, transformers_version="4.57")
+
+
+def test_vl305_attention_at_a_width_vllm_dense_path_does_not_run(tiny, tmp_path):
+    folder = _export(tiny, tmp_path / "attn3", attention_bits=3)
+    report = lint_checkpoint(folder, "vllm")
+    assert report.rules_hit() == {"VL305"} and "self_attn" in report.findings[0].message
+    assert lint_checkpoint(folder, "vllm", vllm_version="humming").findings == [], "Humming runs 3-bit dense linears"
+
+
 def test_every_rule_has_a_test():
     tested = {"CT100", "CT101", "CT102", "CT103", "CT104", "CT105", "CT106", "HF201", "HF202", "HF203",
-              "VL301", "VL302", "VL303"}
+              "VL301", "VL302", "VL303", "VL304", "VL305"}
     assert set(RULES) == tested == set(RULE_TARGETS)
 
 
@@ -244,3 +342,13 @@ def test_cli_target_option(tiny, tmp_path):
     assert out["findings"][0]["target"] == "hf" and {"rule", "name", "severity", "where", "message"} <= set(out["findings"][0])
     r = _cli(bylayer, "--target", "tgi")
     assert r.exit_code == 2 and "unknown lint target" in r.output
+
+
+def test_cli_runtime_versions(tiny, tmp_path):
+    two = _export(tiny, tmp_path / "two_cli", bits=2, attention_bits=2)
+    r = _cli(two, "--target", "vllm")
+    assert r.exit_code == 1 and "VL301" in r.output and "vllm 0.33" in " ".join(r.output.split())
+    r = _cli(two, "--target", "vllm", "--vllm-version", "humming")
+    assert r.exit_code == 0 and "clean for vllm humming" in " ".join(r.output.split()), r.output
+    r = _cli(two, "--vllm-version", "0.99")
+    assert r.exit_code == 2 and len(r.output.strip().splitlines()) == 1 and "0.33, humming" in r.output
