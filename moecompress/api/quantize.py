@@ -219,7 +219,16 @@ class QuantizeOptions:
             from moecompress.passes.mixed_precision import check_budget_feasible
 
             mp.validate()
-            check_budget_feasible(mp, cfg.group_size, cfg.symmetric)
+            try:
+                check_budget_feasible(mp, cfg.group_size, cfg.symmetric)
+            except MoeCompressError as exc:
+                if self.target != "vllm":
+                    raise
+                table = target_table(self)  # say which widths the target's release left to choose from
+                raise MoeCompressError(
+                    f"{exc} (--target vllm: {table.label} runs {list(table.widths(self.symmetric))}-bit experts; "
+                    "--vllm-version humming adds 2-bit)"
+                ) from None
 
     def needs_calibration(self) -> bool:
         from moecompress.passes.profile import ExpertProfile

@@ -41,6 +41,8 @@ def run(*args):
     (["--target", "hf", "--transformers-version", "5.25", "--asymmetric"], "HF202"),
     (["--target", "hf", "--vllm-version", "humming"], "applies to --target vllm only"),
     (["--target", "vllm", "--vllm-version", "0.2"], "unknown --vllm-version '0.2' for target vllm; choose from 0.33, humming"),
+    (["--target", "vllm", "--bits-budget", "3.5"], "infeasible: every expert at 4 bits"),  # and names humming:
+    (["--target", "vllm", "--bits-budget", "3.5"], "--vllm-version humming adds 2-bit"),
 ])
 def test_what_the_target_cannot_run_is_refused_before_work(model, tmp_path, args, rule):
     result = run("quantize", model, tmp_path / "q", *FAST, *args)
