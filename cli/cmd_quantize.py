@@ -105,6 +105,8 @@ def evaluate(
         print_json(r.as_json())
     else:
         console.print(f"perplexity {r.ppl:.4f} over {r.tokens} tokens ({r.chunks} chunks of {seqlen}); disk {r.disk_bytes / 2**20:.1f} MiB, memory {r.memory_bytes / 2**20:.1f} MiB; {r.seconds:.1f}s")
+        if r.loaded != "from_pretrained":
+            console.print(f"note: weights {r.loaded}; memory is that dense float32 copy's")
 
 
 def register(app: typer.Typer) -> None:

@@ -8,6 +8,7 @@ perplexity is exp(mean next-token NLL) over all predicted tokens, computed in fl
 from __future__ import annotations
 
 import math
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -26,6 +27,9 @@ class EvalResult:
     seconds: float
     disk_bytes: int
     memory_bytes: int  # parameters + buffers as loaded (packed modules count their packed size)
+    # How the weights were read: "from_pretrained", or, for a compressed-tensors checkpoint the installed
+    # transformers would load wrong, "decompressed per module (<rule>)" -- what vLLM computes with.
+    loaded: str = "from_pretrained"
 
     def as_json(self) -> dict:
         return asdict(self)
@@ -45,21 +49,41 @@ def model_memory_bytes(model: torch.nn.Module) -> int:
     return total
 
 
-def load_for_eval(model_folder: str | Path):
-    """``from_pretrained`` in float32 (packed modules stay packed) plus its tokenizer."""
+def load_for_eval(model_folder: str | Path, how: list | None = None):
+    """``from_pretrained`` in float32 (packed modules stay packed) plus its tokenizer.
+
+    A compressed-tensors checkpoint that the installed transformers would load wrong (a per-layer mixed
+    export: one scheme per model for the experts, HF201) is evaluated as its runtime computes it: every
+    module decompressed with its own scheme (:mod:`moecompress.export.decompress`), never silently wrong.
+    ``how``: a list that receives how the weights were read (EvalResult.loaded)."""
     import moecompress  # noqa: F401  (registers the quantizer)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from moecompress.model.checks import check_finite
     from moecompress.model.loading import read_config
 
-    read_config(model_folder)  # one-line errors for missing folders / configs
+    config = read_config(model_folder)  # one-line errors for missing folders / configs
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(model_folder))
     except (OSError, ValueError) as exc:
         raise MoeCompressError(f"{model_folder} has no tokenizer; copy the tokenizer files into it") from exc
-    model = AutoModelForCausalLM.from_pretrained(str(model_folder), dtype=torch.float32).eval()
+    qc = getattr(config, "quantization_config", None)
+    method = (qc if isinstance(qc, dict) else qc.to_dict() if qc is not None else {}).get("quant_method")
+    loaded = "from_pretrained"
+    if method == "compressed-tensors":
+        from moecompress.export.decompress import decompress_to_dense, transformers_loads_exactly
+
+        exact, rule = transformers_loads_exactly(model_folder)
+        if not exact:
+            with tempfile.TemporaryDirectory(prefix="moecompress-eval-") as scratch:
+                dense = decompress_to_dense(model_folder, Path(scratch) / "dense")
+                model = AutoModelForCausalLM.from_pretrained(str(dense), dtype=torch.float32).eval()
+            loaded = f"decompressed per module ({rule.split(':')[0]}: transformers would load it wrong)"
+    if loaded == "from_pretrained":
+        model = AutoModelForCausalLM.from_pretrained(str(model_folder), dtype=torch.float32).eval()
     check_finite(model, "", model_folder)  # a NaN weight would only show as a NaN perplexity
+    if how is not None:
+        how.append(loaded)
     return model, tokenizer
 
 
@@ -106,7 +130,8 @@ def evaluate(model_folder: str | Path, data: str | Path, seqlen: int = 256, max_
     check_eval_options(seqlen, max_tokens, batch_size)
     text = read_text(data)
     start = time.time()
-    model, tokenizer = load_for_eval(model_folder)
+    how: list[str] = []
+    model, tokenizer = load_for_eval(model_folder, how)
     max_pos = getattr(model.config, "max_position_embeddings", None)
     if max_pos is not None and seqlen > max_pos:
         raise MoeCompressError(f"--seqlen {seqlen} exceeds the model's maximum of {max_pos} positions")
@@ -114,4 +139,4 @@ def evaluate(model_folder: str | Path, data: str | Path, seqlen: int = 256, max_
     if max_tokens is not None:
         ids = ids[:max_tokens]
     ppl, tokens, chunks = perplexity_of_ids(model, ids, seqlen, batch_size)
-    return EvalResult(ppl, tokens, chunks, time.time() - start, folder_bytes(Path(model_folder)), model_memory_bytes(model))
+    return EvalResult(ppl, tokens, chunks, time.time() - start, folder_bytes(Path(model_folder)), model_memory_bytes(model), how[0])
