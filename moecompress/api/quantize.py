@@ -154,6 +154,8 @@ class QuantizeOptions:
     target: str | None = None
     vllm_version: str | None = None  # --target vllm: the release its rules describe (None: the oldest supported)
     transformers_version: str | None = None  # --target hf: likewise
+    device: str | None = None  # where the solver math runs: None = CUDA when available, else the CPU
+    solve_memory_mb: int = 4096  # solver state per batch of experts; larger layers are solved in chunks
 
     def __post_init__(self) -> None:
         # A target decides the format (and, for vLLM's one scheme per MoE layer, the default granularity,
@@ -177,7 +179,7 @@ class QuantizeOptions:
             calibrate_all_experts=self.calibrate_all_experts, agq=self.agq, damp=self.damp, act_order=self.act_order,
             fallback=self.fallback, min_tokens_fraction=self.min_tokens_fraction,
             attention_bits=self.attention_bits if self.quantize_attention else None,
-            shared_expert_bits=self.shared_expert_bits,
+            shared_expert_bits=self.shared_expert_bits, device=self.device, solve_memory_mb=self.solve_memory_mb,
         )
 
     def calibration(self) -> CalibrationSpec:
@@ -461,6 +463,7 @@ class QuantizeJob:
         result = JobResult(None, summary)
         if fallbacks:
             result.notes.append(fallback_line(fallbacks, o))
+        result.run["phase_seconds"] = qpass.report.phase_seconds()  # wall time per phase (never in OUT)
         if mp_result is not None:
             result.run["profile_seconds"] = None if mp_result.profile.seconds is None else round(mp_result.profile.seconds, 2)
             result.run["allocation_seconds"] = round(mp_result.plan.seconds, 3)

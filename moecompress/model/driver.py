@@ -18,8 +18,10 @@ Per layer the driver:
 from __future__ import annotations
 
 import logging
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, Protocol
+from typing import Callable, Iterator, Protocol
 
 import torch
 from torch import nn
@@ -28,6 +30,36 @@ from moecompress.model.loading import LayerwiseModel
 from moecompress.model.view import MoEBlockView
 
 log = logging.getLogger(__name__)
+
+
+class PhaseTimer:
+    """Wall seconds per named phase, summed over layers (``time.perf_counter``; a dict add per phase).
+
+    The driver records ``load``, ``forward`` and ``write`` (the ``on_layer_done`` callback); passes
+    add their own phases (the quantize pass: ``hessian``, ``solve``, ``pack``) through
+    ``LayerContext.timer``. ``sync`` (e.g. ``torch.cuda.synchronize``) runs before each reading when
+    work is queued on an accelerator, so a phase is charged for its own kernels, not the next one's.
+    """
+
+    def __init__(self, sync: Callable[[], None] | None = None):
+        self.seconds: dict[str, float] = {}
+        self.sync = sync
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        if self.sync is not None:
+            self.sync()
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self.sync is not None:
+                self.sync()
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+
+    def as_dict(self) -> dict[str, float]:
+        """JSON-able ``{phase: seconds}`` rounded to milliseconds, in first-recorded order."""
+        return {name: round(value, 3) for name, value in self.seconds.items()}
 
 
 class _StopForward(Exception):
@@ -67,6 +99,7 @@ class LayerContext:
     kwargs: list[dict]  # the layer's keyword arguments per batch
     outputs: list[torch.Tensor] = field(default_factory=list)
     model: LayerwiseModel | None = None
+    timer: PhaseTimer = field(default_factory=PhaseTimer)  # the run's timer (one per run_layerwise)
 
     def run(self) -> list[torch.Tensor]:
         """Run the layer on every batch; returns the outputs (the pass's hooks fire)."""
@@ -121,6 +154,7 @@ def capture_layer_inputs(lm: LayerwiseModel, batches: list[torch.Tensor]) -> tup
 class DriverResult:
     hidden: list[torch.Tensor]  # final hidden states per batch (before the final norm)
     logits: list[torch.Tensor] | None = None
+    timer: PhaseTimer | None = None
 
 
 @torch.no_grad()
@@ -132,19 +166,27 @@ def run_layerwise(
     on_layer_done: Callable[[LayerContext], None] | None = None,
     compute_logits: bool = False,
     progress: Callable[[int, int], None] | None = None,
+    timer: PhaseTimer | None = None,
 ) -> DriverResult:
-    """Run ``input_ids [n, L]`` through the model layer by layer, applying ``passes`` to each layer."""
+    """Run ``input_ids [n, L]`` through the model layer by layer, applying ``passes`` to each layer.
+
+    ``timer``: where the per-phase wall times go (a new one when None); every LayerContext carries it."""
+    timer = timer if timer is not None else PhaseTimer()
     batches = batches_of(input_ids, batch_size)
-    lm.load_outer()
-    hidden, layer_kwargs = capture_layer_inputs(lm, batches)
+    with timer.phase("load"):
+        lm.load_outer()
+    with timer.phase("forward"):
+        hidden, layer_kwargs = capture_layer_inputs(lm, batches)
     if not compute_logits:
         lm.release_outer()
     for i in range(lm.view.num_layers):
-        layer = lm.load_layer(i)
-        ctx = LayerContext(i, layer, lm.view.blocks.get(i), hidden, layer_kwargs[i], model=lm)
+        with timer.phase("load"):
+            layer = lm.load_layer(i)
+        ctx = LayerContext(i, layer, lm.view.blocks.get(i), hidden, layer_kwargs[i], model=lm, timer=timer)
         handles = [h for p in passes for h in (p.attach(ctx) or [])]
         try:
-            ctx.outputs = ctx.run()
+            with timer.phase("forward"):
+                ctx.outputs = ctx.run()
         finally:
             for h in handles:
                 h.remove()
@@ -152,9 +194,11 @@ def run_layerwise(
         for p in passes:
             changed = bool(p.process(ctx)) or changed
         if changed:
-            ctx.outputs = ctx.run()
+            with timer.phase("forward"):
+                ctx.outputs = ctx.run()
         if on_layer_done is not None:
-            on_layer_done(ctx)
+            with timer.phase("write"):
+                on_layer_done(ctx)
         hidden = ctx.outputs
         lm.release_layer(i)
         if progress is not None:
@@ -165,4 +209,4 @@ def run_layerwise(
         head = lm.model.get_output_embeddings()
         logits = [head(base.norm(h)) for h in hidden]
         lm.release_outer()
-    return DriverResult(hidden=hidden, logits=logits)
+    return DriverResult(hidden=hidden, logits=logits, timer=timer)

@@ -56,11 +56,14 @@ from moecompress.model.view import ExpertsView, MoEBlockView
 from moecompress.passes.quantize import (
     QuantizeConfig,
     canonical_expert,
+    expert_chunks,
     expert_method,
     expert_tokens,
     quantize_matrix,
     record_expert_inputs,
+    solve_expert_chunk,
 )
+from moecompress.quant.batched import LayerRouting, expert_hessians, expert_segments, gather_routing
 from moecompress.quant.format import SUPPORTED_BITS
 from moecompress.quant.gptq import accumulate_hessian, make_empty_hessian
 
@@ -381,19 +384,91 @@ class ProfilePass:
 
     @torch.no_grad()
     def profile_layer(self, block: MoEBlockView, store, shared_max: float | None = None) -> LayerProfile:
-        """Profile one MoE layer from its recorded experts inputs (``record_expert_inputs``' store)."""
+        """Profile one MoE layer from its recorded experts inputs (``record_expert_inputs``' store).
+
+        Batched over experts: one routed-token gather for the layer; per (solver, memory-sized chunk)
+        the input Hessians once, then at each width the whole chunk quantized together
+        (``solve_expert_chunk``, as the quantize pass), every expert's error measured, its weights
+        restored. Same numbers as :meth:`profile_layer_reference` (expert by expert, width by width):
+        each expert's output only reads its own weights, so quantizing a chunk at once changes nothing.
+        """
         experts, cfg = block.experts, self.cfg
         num_e = experts.num_experts
+        freq, mass, total_tokens = self._importance(store, num_e)
+        errors = torch.zeros(num_e, len(self.bit_choices), dtype=torch.float64)
+        out_max = torch.zeros(num_e, dtype=torch.float64)
+        params = self._params(experts)
+        if not store.x:
+            return LayerProfile(block.layer_index, total_tokens, freq, mass, errors, params, out_max, shared_max)
+        routing = gather_routing(store.x, store.index, store.weights, store.probs, num_e)
+        routed = expert_segments(routing, range(num_e), all_tokens=False, agq=True)  # (x_e, applied g_e)
+        active = [e for e in range(num_e) if routed[e][0].shape[0]]  # never routed: eps = 0 at every width
+        groups: dict[str, list[int]] = {}
+        damps: dict[int, float] = {}
+        counts = routing.routed_counts()
+        for e in active:
+            solver, damps[e] = self._solver(counts[e], total_tokens)
+            groups.setdefault(solver, []).append(e)
+        for solver, members in sorted(groups.items()):
+            for chunk in expert_chunks(experts, members, cfg.solve_memory_mb):
+                self._profile_chunk(experts, routing, routed, chunk, solver, [damps[e] for e in chunk], errors, out_max)
+        return LayerProfile(block.layer_index, total_tokens, freq, mass, errors, params, out_max, shared_max)
+
+    def _profile_chunk(
+        self, experts: ExpertsView, routing: LayerRouting, routed: list, chunk: list[int], solver: str,
+        damps: list[float], errors: torch.Tensor, out_max: torch.Tensor,
+    ) -> None:
+        """Errors of the experts of ``chunk`` at every width (filled into ``errors`` / ``out_max``)."""
+        refs = {e: experts.forward_expert(e, routed[e][0]) for e in chunk}  # [T_e, H]
+        for e in chunk:
+            out_max[e] = float(refs[e].abs().max())
+        originals = {e: [t.detach().clone() for t in canonical_expert(experts, e)[:2]] for e in chunk}
+        h_in = None
+        if solver == "gptq":
+            h_in = expert_hessians(expert_segments(routing, chunk, self.cfg.calibrate_all_experts, self.cfg.agq), experts.hidden_size)
+        try:
+            for j, bits in enumerate(self.bit_choices):
+                res = solve_expert_chunk(experts, routing, chunk, self.cfg.spec(bits), solver, damps, self.cfg, h_in=h_in, report_activations=False)
+                deq_down = res.down.dequantized()
+                for k, e in enumerate(chunk):
+                    experts.set(e, "down", deq_down[k])
+                    errors[e, j] = routed_output_error(routed[e][1], refs[e], experts.forward_expert(e, routed[e][0]))
+                for e in chunk:  # each width starts from the original weights
+                    _write_canonical(experts, e, *originals[e])
+        finally:
+            for e in chunk:
+                _write_canonical(experts, e, *originals[e])
+
+    def _importance(self, store, num_e: int) -> tuple[torch.Tensor, torch.Tensor, int]:
         freq = torch.zeros(num_e, dtype=torch.float64)
         mass = torch.zeros(num_e, dtype=torch.float64)
         for idx, probs in zip(store.index, store.probs):
             f, w = routing_importance(idx, probs)
             freq += f
             mass += w
-        total_tokens = sum(x.shape[0] for x in store.x)
+        return freq, mass, sum(x.shape[0] for x in store.x)
+
+    @staticmethod
+    def _params(experts: ExpertsView) -> torch.Tensor:
+        count = expert_weight_count(experts.hidden_size, experts.intermediate_size, experts.has_gate)
+        return torch.full((experts.num_experts,), float(count), dtype=torch.float64)
+
+    def _solver(self, routed: int, total_tokens: int) -> tuple[str, float]:
+        """(solver, damping) of an expert, as :meth:`_calibration` decides it."""
+        if self.method == "rtn":
+            return "rtn", self.cfg.damp
+        method, damp = expert_method(self.cfg, routed, total_tokens)
+        return ("rtn" if method in ("rtn", "fallback:rtn") else "gptq"), damp
+
+    @torch.no_grad()
+    def profile_layer_reference(self, block: MoEBlockView, store, shared_max: float | None = None) -> LayerProfile:
+        """The sweep expert by expert and width by width (the reference the batched sweep is tested against)."""
+        experts, cfg = block.experts, self.cfg
+        num_e = experts.num_experts
+        freq, mass, total_tokens = self._importance(store, num_e)
         errors = torch.zeros(num_e, len(self.bit_choices), dtype=torch.float64)
         out_max = torch.zeros(num_e, dtype=torch.float64)
-        params = torch.full((num_e,), float(expert_weight_count(experts.hidden_size, experts.intermediate_size, experts.has_gate)), dtype=torch.float64)
+        params = self._params(experts)
         for e in range(num_e):
             x_e, g_e = routed_tokens(store.x, store.index, store.weights, e)
             if x_e.shape[0] == 0:

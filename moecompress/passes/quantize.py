@@ -4,7 +4,10 @@ Per MoE layer, through the layer-by-layer driver:
 
 * the observation forward records, at the experts module, the block input ``x [T, H]``, the routing
   decision (``top_k_index``, ``top_k_weights``) and, at the router, the router probabilities;
-* ``process`` then quantizes one expert at a time (memory: one expert's Hessians):
+* ``process`` then quantizes the layer's experts in batches (``quant/batched.py``: one routed-token
+  gather per layer, batched Hessians, batched GPTQ / RTN; one batch per width and solver, cut into
+  chunks by ``solve_memory_mb``), on ``device`` (CUDA when available), with the same bytes as the
+  per-expert reference :func:`quantize_expert_reference`:
   - tokens: the tokens routed to the expert, or with ``calibrate_all_experts`` every calibration token
     (llm-compressor's default: statistics from all tokens, while only routed outputs flow on);
   - AGQ (MoEQuant): token t contributes ``c_t x_t x_t^T`` with ``c_t`` its affinity to the expert:
@@ -27,6 +30,7 @@ Shape legend: T tokens, E experts, H hidden, I expert intermediate size, k top-k
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -34,8 +38,16 @@ from torch import nn
 
 from moecompress.errors import MoeCompressError
 from moecompress.kernels.moe_gemm import hf_activation
-from moecompress.model.driver import LayerContext
+from moecompress.model.driver import LayerContext, PhaseTimer
 from moecompress.model.view import ExpertsView, MoEBlockView
+from moecompress.quant.batched import (
+    LayerRouting,
+    expert_hessians,
+    expert_segments,
+    experts_per_chunk,
+    gather_routing,
+    gptq_quantize_batched,
+)
 from moecompress.quant.gptq import accumulate_hessian, gptq_quantize, make_empty_hessian
 from moecompress.quant.grid import QuantResult, QuantSpec, rtn
 from moecompress.quant.format import SUPPORTED_BITS, group_size_problem
@@ -46,6 +58,21 @@ log = logging.getLogger(__name__)
 
 METHODS = ("gptq", "rtn")
 FALLBACKS = ("rtn", "damped-gptq")
+ERROR_TOKENS = 4096  # tokens per expert the report's relative output error is measured on
+
+
+def resolve_device(device: str | None) -> torch.device:
+    """The solver's device: ``cuda`` when available and none was named, else the CPU; a named device
+    must exist (a clear error, not a failure in the middle of a layer)."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise MoeCompressError(f"device {device!r} is not a torch device name (cpu, cuda, cuda:1, ...)") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise MoeCompressError(f"device {device!r} asked for, but torch sees no CUDA device; use cpu")
+    return resolved
 
 
 @dataclass(frozen=True)
@@ -65,6 +92,12 @@ class QuantizeConfig:
     shared_expert_bits: int | None = None  # None: same as `bits`; 16 keeps shared experts dense
     # Per-layer per-expert widths (from the bit allocator); None: every expert at `bits`.
     expert_bits: dict[int, list[int]] | None = None
+    # Where the solver math runs: None = "cuda" when available, else "cpu" (chosen once per pass).
+    # Only one layer's experts and calibration inputs visit the device; the model stays on the CPU.
+    device: str | None = None
+    # Bytes of solver state (Hessians, factors, weights, codes) for one batch of experts; a layer whose
+    # experts need more is solved in chunks (256 experts x 7168^2 x 4 B = 52 GB of Hessians alone).
+    solve_memory_mb: int = 4096
 
     def validate(self) -> None:
         if self.method not in METHODS:
@@ -82,6 +115,8 @@ class QuantizeConfig:
         for layer, row in (self.expert_bits or {}).items():
             for b in row:
                 check_choice(f"the width of an expert of layer {layer}", b, (*SUPPORTED_BITS, UNQUANTIZED))
+        check_int("--solve-memory-mb", self.solve_memory_mb, minimum=1, expected="a positive number of MiB")
+        resolve_device(self.device)
         QuantSpec(self.bits, self.group_size, self.symmetric)
         for b in (self.attention_bits, self.shared_expert_bits):
             if b is not None and b != UNQUANTIZED:
@@ -114,6 +149,13 @@ class ExpertRecord:
 class QuantizeReport:
     experts: list[ExpertRecord] = field(default_factory=list)
     linears: list[dict] = field(default_factory=list)
+    # The driver's run timer (load, forward, write) with this pass's phases (hessian, solve, pack);
+    # wall seconds, for the JSON result only: report.md carries no timings (same inputs, same bytes).
+    timer: PhaseTimer | None = None
+
+    def phase_seconds(self) -> dict[str, float]:
+        """``{phase: wall seconds}`` of the run so far (JSON-able; empty before the first layer)."""
+        return {} if self.timer is None else self.timer.as_dict()
 
     def fallbacks(self) -> list[ExpertRecord]:
         return [r for r in self.experts if r.method not in ("gptq", "rtn", "kept")]
@@ -186,7 +228,7 @@ def expert_tokens(store: _ExpertInputs, e: int, all_tokens: bool, agq: bool) -> 
 
 
 def _hessian(x: torch.Tensor, weights: torch.Tensor, k: int) -> torch.Tensor:
-    h = make_empty_hessian(k)
+    h = make_empty_hessian(k, device=x.device)
     if x.shape[0]:
         # AGQ weights are affinities in [0, 1]; the Hessian's scale does not change GPTQ's solution
         # but damping is relative to its diagonal, so it stays consistent across experts.
@@ -217,6 +259,28 @@ def expert_method(cfg: QuantizeConfig, routed: int, total_tokens: int) -> tuple[
     if cfg.fallback == "damped-gptq" and cfg.calibrate_all_experts:
         return "fallback:damped-gptq", cfg.damp * 10
     return "fallback:rtn", cfg.damp
+
+
+@torch.no_grad()
+def quantize_expert_reference(
+    experts: ExpertsView, e: int, store: _ExpertInputs, cfg: QuantizeConfig, bits: int, total_tokens: int
+) -> tuple[QuantResult, QuantResult, str]:
+    """One expert quantized alone, as the pass did before batching: ``(gate_up, down, method)``.
+
+    The reference the batched pass is tested against (tests/passes/test_quantize.py). Writes the
+    dequantized gate/up into the module, exactly as the pass does, since down is calibrated on it."""
+    gate_up, down, _, _ = canonical_expert(experts, e)
+    x, c, routed = expert_tokens(store, e, cfg.calibrate_all_experts, cfg.agq)
+    method, damp = expert_method(cfg, routed, total_tokens)
+    solver = "rtn" if method in ("rtn", "fallback:rtn") else "gptq"
+    spec = cfg.spec(bits)
+    h_in = _hessian(x, c, experts.hidden_size) if solver == "gptq" else None
+    q_gu = quantize_matrix(gate_up, h_in, spec, solver, damp, cfg.act_order)
+    _write_gate_up(experts, e, q_gu.dequantized())
+    a = experts.intermediate(e, x) if x.shape[0] else x.new_zeros(0, experts.intermediate_size)
+    h_down = _hessian(a, c, experts.intermediate_size) if solver == "gptq" else None
+    q_down = quantize_matrix(down, h_down, spec, solver, damp, cfg.act_order)
+    return q_gu, q_down, method
 
 
 def activation_of(experts: ExpertsView, config) -> tuple[str, dict]:
@@ -252,6 +316,101 @@ def _write_gate_up(experts: ExpertsView, e: int, gate_up: torch.Tensor) -> None:
         experts.set(e, "up", gate_up[i:])
     else:
         experts.set(e, "up", gate_up)
+
+
+# --------------------------------------------------------------------------------------------------
+# A chunk of experts at once (the batched path; shared with the profiling sweep)
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ChunkResult:
+    """The experts of one chunk quantized together (stacked along a leading expert dimension)."""
+
+    gate_up: QuantResult  # codes [E_c, 2I (or I), H]
+    down: QuantResult  # codes [E_c, H, I]
+    gate_up_original: torch.Tensor  # [E_c, 2I, H] float32, the weights before quantization
+    gate_up_dequantized: torch.Tensor  # [E_c, 2I, H] float32 (also written into the module)
+    down_original: torch.Tensor  # [E_c, H, I] float32
+    segments: list[tuple[torch.Tensor, torch.Tensor]]  # per expert (x [T_e, H], affinity c [T_e])
+    activations: list[torch.Tensor]  # per expert, down's inputs on the first ERROR_TOKENS tokens [<=4096, I]
+
+
+def expert_chunks(experts: ExpertsView, members: list[int], budget_mb: int) -> list[list[int]]:
+    """``members`` in order, cut into batches whose solver state (gate/up's or down's, the larger)
+    fits ``budget_mb`` MiB (quant.batched.experts_per_chunk)."""
+    n_in = 2 * experts.intermediate_size if experts.has_gate else experts.intermediate_size
+    per_chunk = min(
+        experts_per_chunk(experts.hidden_size, n_in, budget_mb * 2**20),
+        experts_per_chunk(experts.intermediate_size, experts.hidden_size, budget_mb * 2**20),
+    )
+    return [members[i : i + per_chunk] for i in range(0, len(members), per_chunk)]
+
+
+@torch.no_grad()
+def solve_expert_chunk(
+    experts: ExpertsView,
+    routing: LayerRouting | None,
+    chunk: list[int],
+    spec: QuantSpec,
+    solver: str,
+    damps: list[float],
+    cfg: QuantizeConfig,
+    phase=None,
+    h_in: torch.Tensor | None = None,
+    report_activations: bool = True,
+) -> ChunkResult:
+    """Quantize the experts of ``chunk`` (one width, one solver: ``gptq`` or ``rtn``) as one batch.
+
+    The order of the per-expert reference (:func:`quantize_expert_reference`): batched Hessians of the
+    experts' tokens, batched GPTQ of gate/up, the dequantized gate/up written into the module, then each
+    expert's activations through the family's own activation (down's Hessian is built on the QUANTIZED
+    gate/up's outputs, as MoEQuant orders it), batched GPTQ of down. The module keeps the quantized
+    gate/up; down is left as it was. ``phase(name)``: a context manager timing ``hessian`` and ``solve``.
+    ``h_in``: the chunk's input Hessians when the caller already has them (the profiling sweep solves
+    the same chunk at several widths). ``report_activations``: also return down's inputs on the first
+    tokens (the pass's error report); without it RTN chunks skip that forward.
+    """
+    phase = phase or (lambda _name: _no_phase())
+    gate_up = torch.stack([canonical_expert(experts, e)[0] for e in chunk]).float()  # [E_c, 2I, H]
+    down = torch.stack([canonical_expert(experts, e)[1] for e in chunk]).float()  # [E_c, H, I]
+    if routing is None:
+        segments = [(gate_up.new_zeros(0, experts.hidden_size), gate_up.new_zeros(0)) for _ in chunk]
+    else:
+        with phase("hessian"):
+            segments = expert_segments(routing, chunk, cfg.calibrate_all_experts, cfg.agq)
+    if solver == "rtn":
+        with phase("solve"):
+            q_gu = rtn(gate_up, spec)  # grid.rtn takes stacks: same values as expert by expert
+    else:
+        if h_in is None:
+            with phase("hessian"):
+                h_in = expert_hessians(segments, experts.hidden_size)
+        with phase("solve"):
+            q_gu, _ = gptq_quantize_batched(gate_up, h_in, spec, damps, act_order=cfg.act_order)
+        del h_in
+    deq_gu = q_gu.dequantized()
+    for j, e in enumerate(chunk):
+        _write_gate_up(experts, e, deq_gu[j])
+    activations = []
+    if solver == "rtn":
+        with phase("solve"):
+            q_down = rtn(down, spec)
+        for e, (x, _) in zip(chunk, segments if report_activations else []):  # the report's error: first tokens suffice
+            activations.append(experts.intermediate(e, x[:ERROR_TOKENS]) if x.shape[0] else x.new_zeros(0, experts.intermediate_size))
+        return ChunkResult(q_gu, q_down, gate_up, deq_gu, down, segments, activations)
+    with phase("hessian"):
+        h_down = torch.zeros(len(chunk), experts.intermediate_size, experts.intermediate_size, device=gate_up.device)
+        for j, e in enumerate(chunk):
+            x, c = segments[j]
+            a = experts.intermediate(e, x) if x.shape[0] else x.new_zeros(0, experts.intermediate_size)
+            if a.shape[0]:
+                accumulate_hessian(h_down[j], a, 0, c)
+            if report_activations:
+                activations.append(a[:ERROR_TOKENS].clone())  # a copy: a view would keep all T rows alive
+    with phase("solve"):
+        q_down, _ = gptq_quantize_batched(down, h_down, spec, damps, act_order=cfg.act_order)
+    return ChunkResult(q_gu, q_down, gate_up, deq_gu, down, segments, activations)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -306,6 +465,7 @@ class QuantizePass:
         self.model_config = model_config
         self.dtype = dtype
         self.report = QuantizeReport()
+        self.device = resolve_device(cfg.device)  # chosen once for the whole run
         self.modules: dict[str, dict] = {}  # module path -> packed description (for the config)
         self._experts_store: _ExpertInputs | None = None
         self._linear_inputs: dict[str, list[torch.Tensor]] = {}
@@ -318,6 +478,9 @@ class QuantizePass:
 
     def attach(self, ctx: LayerContext) -> list:
         handles = []
+        self.report.timer = ctx.timer
+        if self.device.type == "cuda":
+            ctx.timer.sync = torch.cuda.synchronize
         if ctx.block is not None:
             self._experts_store, h = record_expert_inputs(ctx.block)
             handles += h
@@ -347,13 +510,16 @@ class QuantizePass:
     def _quantize_linear(self, ctx: LayerContext, name: str, module: nn.Linear, bits: int, layer_prefix: str) -> None:
         spec = self.cfg.spec(bits)
         spec.validate(module.in_features, packable=True)
-        w = module.weight.detach().float()
+        w = module.weight.detach().float().to(self.device)
         xs = self._linear_inputs.get(name, [])
-        x = torch.cat(xs) if xs else torch.zeros(0, module.in_features)
+        x = torch.cat(xs).to(self.device) if xs else torch.zeros(0, module.in_features, device=self.device)
         method = "gptq" if (self.cfg.method == "gptq" and x.shape[0]) else "rtn"
-        h = _hessian(x, torch.ones(x.shape[0]), module.in_features) if method == "gptq" else None
-        result = quantize_matrix(w, h, spec, method, self.cfg.damp, self.cfg.act_order)
-        packed = result.packed()
+        with self._phase("hessian"):
+            h = _hessian(x, torch.ones(x.shape[0], device=self.device), module.in_features) if method == "gptq" else None
+        with self._phase("solve"):
+            result = quantize_matrix(w, h, spec, method, self.cfg.damp, self.cfg.act_order)
+        with self._phase("pack"):
+            packed = _expert_result_cpu(result).packed()
         bias = module.bias.detach() if module.bias is not None else None
         new = PackedLinear.from_packed(packed, bias, self.dtype)
         ctx.layer.set_submodule(name, new)
@@ -367,23 +533,63 @@ class QuantizePass:
             "bias": bias is not None,
         }
         self.report.linears.append(
-            {"layer": ctx.index, "module": name, "bits": bits, "method": method, "rel_error": _relative_output_error(w, result.dequantized(), x[:4096])}
+            {"layer": ctx.index, "module": name, "bits": bits, "method": method, "rel_error": _relative_output_error(w, result.dequantized(), x[:ERROR_TOKENS])}
         )
 
     @torch.no_grad()
     def _quantize_experts(self, ctx: LayerContext, layer_prefix: str) -> None:
+        """All experts of the layer, batched: one routed-token gather, then per (width, solver) group
+        and memory-sized chunk, batched Hessians and batched GPTQ (gate/up, then down on the quantized
+        gate/up's activations). Same results as quantizing expert by expert (``quantize_expert_reference``,
+        tests/passes/test_quantize.py compares the checkpoints)."""
         block, store, cfg = ctx.block, self._experts_store, self.cfg
         experts = block.experts
         widths = cfg.widths_for(ctx.index, experts.num_experts)
+        spec_e = self._experts_spec(experts, widths)
+        packed = PackedExperts(spec_e, dtype=self.dtype)
+        with self._phase("hessian"):
+            routing = self._routing(store, experts.num_experts)
+        self._experts_store = store = None  # gathered: the per-batch copies can go
+        counts = routing.routed_counts() if routing is not None else [0] * experts.num_experts
+        total_tokens = routing.num_tokens if routing is not None else 0
+        slot_of = _slots(widths)
+        records: dict[int, ExpertRecord] = {}
+        groups: dict[tuple[int, str], list[int]] = {}
+        damps: dict[int, float] = {}
+        for e in range(experts.num_experts):
+            if experts.has_bias:
+                gu_bias, d_bias = canonical_expert(experts, e)[2:]
+                packed.gate_up_bias[e].copy_(gu_bias)
+                packed.down_bias[e].copy_(d_bias)
+            if widths[e] == UNQUANTIZED:
+                gate_up, down = canonical_expert(experts, e)[:2]
+                getattr(packed, f"w{widths[e]}_gate_up")[slot_of[e]].copy_(gate_up)
+                getattr(packed, f"w{widths[e]}_down")[slot_of[e]].copy_(down)
+                records[e] = ExpertRecord(ctx.index, e, widths[e], counts[e], "kept", 0.0)
+                continue
+            method, damps[e] = expert_method(cfg, counts[e], total_tokens)
+            solver = "rtn" if method in ("rtn", "fallback:rtn") else "gptq"
+            groups.setdefault((widths[e], solver), []).append(e)
+            records[e] = ExpertRecord(ctx.index, e, widths[e], counts[e], method, 0.0)
+        with self._on_device(experts):
+            for (bits, solver), members in sorted(groups.items()):
+                for chunk in self._chunks(experts, members):
+                    errors = self._solve_chunk(experts, routing, chunk, bits, solver, [damps[e] for e in chunk], packed, slot_of)
+                    for e, err in zip(chunk, errors):
+                        records[e].rel_error = err
+        self.report.experts.extend(records[e] for e in range(experts.num_experts))
+        ctx.layer.set_submodule(block.experts_name, packed)
+        self.modules[f"{layer_prefix}.{block.experts_name}"] = {"type": "experts", **spec_e.as_json()}
+
+    def _experts_spec(self, experts: ExpertsView, widths: list[int]) -> ExpertsSpec:
         activation, act_params = activation_of(experts, self.model_config)
-        total_tokens = sum(x.shape[0] for x in store.x)
         spec_e = ExpertsSpec(
             num_experts=experts.num_experts,
             hidden_size=experts.hidden_size,
             intermediate_size=experts.intermediate_size,
             bits=tuple(widths),
-            group_size=cfg.group_size,
-            symmetric=cfg.symmetric,
+            group_size=self.cfg.group_size,
+            symmetric=self.cfg.symmetric,
             has_gate=experts.has_gate,
             has_bias=experts.has_bias,
             activation=activation,
@@ -392,39 +598,51 @@ class QuantizePass:
         for b in set(widths) - {UNQUANTIZED}:
             self.cfg.spec(b).validate(experts.hidden_size, packable=True)
             self.cfg.spec(b).validate(experts.intermediate_size, packable=True)
-        packed = PackedExperts(spec_e, dtype=self.dtype)
-        slots = {b: 0 for b in set(widths)}
-        for e in range(experts.num_experts):
-            bits = widths[e]
-            gate_up, down, gu_bias, d_bias = canonical_expert(experts, e)
-            if experts.has_bias:
-                packed.gate_up_bias[e].copy_(gu_bias)
-                packed.down_bias[e].copy_(d_bias)
-            x, c, routed = expert_tokens(store, e, cfg.calibrate_all_experts, cfg.agq)
-            slot = slots[bits]
-            slots[bits] += 1
-            if bits == UNQUANTIZED:
-                getattr(packed, f"w{bits}_gate_up")[slot].copy_(gate_up)
-                getattr(packed, f"w{bits}_down")[slot].copy_(down)
-                self.report.experts.append(ExpertRecord(ctx.index, e, bits, routed, "kept", 0.0))
-                continue
-            method, damp = expert_method(cfg, routed, total_tokens)
-            solver = "rtn" if method in ("rtn", "fallback:rtn") else "gptq"
-            spec = cfg.spec(bits)
-            h_in = _hessian(x, c, experts.hidden_size) if solver == "gptq" else None
-            q_gu = quantize_matrix(gate_up, h_in, spec, solver, damp, cfg.act_order)
-            # The down projection sees the activations of the QUANTIZED gate/up, computed by the
-            # family's own activation through the view (written in place into the original module,
-            # which is replaced by the packed one below).
-            _write_gate_up(experts, e, q_gu.dequantized())
-            a = experts.intermediate(e, x) if x.shape[0] else x.new_zeros(0, experts.intermediate_size)
-            h_down = _hessian(a, c, experts.intermediate_size) if solver == "gptq" else None
-            q_down = quantize_matrix(down, h_down, spec, solver, damp, cfg.act_order)
-            self._store_packed(packed, bits, slot, q_gu, q_down)
-            err = 0.5 * (_relative_output_error(gate_up, q_gu.dequantized(), x[:4096]) + _relative_output_error(down, q_down.dequantized(), a[:4096]))
-            self.report.experts.append(ExpertRecord(ctx.index, e, bits, routed, method, err))
-        ctx.layer.set_submodule(block.experts_name, packed)
-        self.modules[f"{layer_prefix}.{block.experts_name}"] = {"type": "experts", **spec_e.as_json()}
+        return spec_e
+
+    def _routing(self, store: _ExpertInputs | None, num_experts: int) -> LayerRouting | None:
+        """The layer's tokens and routing on the solver device (None when no calibration reached it)."""
+        if store is None or not store.x:
+            return None
+        return gather_routing(store.x, store.index, store.weights, store.probs, num_experts).to(self.device)
+
+    def _chunks(self, experts: ExpertsView, members: list[int]) -> list[list[int]]:
+        return expert_chunks(experts, members, self.cfg.solve_memory_mb)
+
+    def _solve_chunk(
+        self, experts: ExpertsView, routing: LayerRouting | None, chunk: list[int], bits: int, solver: str,
+        damps: list[float], packed: PackedExperts, slot_of: dict[int, int],
+    ) -> list[float]:
+        """Quantize the experts of ``chunk`` (same width and solver) and store them packed; returns
+        their relative output errors (gate_up and down averaged)."""
+        res = solve_expert_chunk(experts, routing, chunk, self.cfg.spec(bits), solver, damps, self.cfg, self._phase)
+        with self._phase("pack"):
+            deq_down = res.down.dequantized()
+            for j, e in enumerate(chunk):
+                self._store_packed(packed, bits, slot_of[e], _expert_result(res.gate_up, j), _expert_result(res.down, j))
+        return [
+            0.5 * (_relative_output_error(res.gate_up_original[j], res.gate_up_dequantized[j], res.segments[j][0][:ERROR_TOKENS])
+                   + _relative_output_error(res.down_original[j], deq_down[j], res.activations[j]))
+            for j in range(len(chunk))
+        ]
+
+    def _phase(self, name: str):
+        timer = self.report.timer
+        return timer.phase(name) if timer is not None else _no_phase()
+
+    @contextmanager
+    def _on_device(self, experts: ExpertsView):
+        """Run the block inside on the solver device: the experts module visits it (the view reads its
+        parameters in place) and goes back to the CPU after, whatever happens."""
+        if self.device.type == "cpu":
+            yield
+            return
+        home = experts.module.down_proj.device
+        experts.module.to(self.device)
+        try:
+            yield
+        finally:
+            experts.module.to(home)
 
     @staticmethod
     def _store_packed(packed: PackedExperts, bits: int, slot: int, q_gu: QuantResult, q_down: QuantResult) -> None:
@@ -434,3 +652,31 @@ class QuantizePass:
             getattr(packed, f"w{bits}_{proj}_scales")[slot].copy_(p.scales)
             if p.zeros is not None:
                 getattr(packed, f"w{bits}_{proj}_zeros")[slot].copy_(p.zeros)
+
+
+def _slots(widths: list[int]) -> dict[int, int]:
+    """Expert -> its slot among the layer's experts of the same width (PackedExperts stores each width's
+    experts in expert order)."""
+    seen: dict[int, int] = {}
+    slots = {}
+    for e, b in enumerate(widths):
+        slots[e] = seen.get(b, 0)
+        seen[b] = slots[e] + 1
+    return slots
+
+
+def _expert_result(stacked: QuantResult, j: int) -> QuantResult:
+    """Expert j of a stacked result, on the CPU (the packed module's buffers live there)."""
+    zeros = None if stacked.zeros is None else stacked.zeros[j]
+    return _expert_result_cpu(QuantResult(stacked.codes[j], stacked.scales[j], zeros, stacked.spec))
+
+
+def _expert_result_cpu(result: QuantResult) -> QuantResult:
+    """The result's tensors on the CPU, where the model and the packed modules live (no copy when there)."""
+    zeros = None if result.zeros is None else result.zeros.cpu()
+    return QuantResult(result.codes.cpu(), result.scales.cpu(), zeros, result.spec)
+
+
+@contextmanager
+def _no_phase():
+    yield

@@ -258,6 +258,9 @@ CASES: list[Case] = [
          None, check=check_per_channel),
     Case("ok-quantize-compressed-tensors-lints-clean", ("quantize", "@bare", "@out", *RTN, "--format", "compressed-tensors"),
          None, check=check_ct_then_lint),
+    Case("quantize-device-not-a-device", (*Q, *RTN, "--device", "gpu0"), "is not a torch device name"),
+    Case("quantize-device-cuda-without-cuda", (*Q, *RTN, "--device", "cuda"), "torch sees no CUDA device"),
+    Case("quantize-solve-memory-0", (*Q, *RTN, "--solve-memory-mb", "0"), "--solve-memory-mb"),
     # ---------------------------------------------------------------- quantize, mixed precision
     Case("mp-bits-budget-0", (*Q, *RTN, "--bits-budget", "0"), "--bits-budget"),
     Case("mp-bits-budget-1-infeasible", (*Q, *RTN, "--bits-budget", "1"), "infeasible"),

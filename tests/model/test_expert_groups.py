@@ -161,6 +161,7 @@ def test_exact_merge_reloads_identically_in_a_fresh_process(merged):
         import sys, torch
         import moecompress  # registers the native format
         from transformers import AutoModelForCausalLM
+        torch.set_num_threads(int(sys.argv[4]))  # the parent's: a matmul's bits depend on the thread count
         model = AutoModelForCausalLM.from_pretrained(sys.argv[1]).eval()
         ids = torch.tensor([[int(t) for t in sys.argv[2].split(",")]])
         with torch.no_grad():
@@ -168,7 +169,7 @@ def test_exact_merge_reloads_identically_in_a_fresh_process(merged):
         """
     )
     ids = ",".join(str(int(t)) for t in IDS[0])
-    proc = subprocess.run([sys.executable, "-c", script, str(folder), ids, str(root / "logits.pt")],
+    proc = subprocess.run([sys.executable, "-c", script, str(folder), ids, str(root / "logits.pt"), str(torch.get_num_threads())],
                           capture_output=True, text=True, timeout=300, cwd=str(root))
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert torch.equal(torch.load(root / "logits.pt"), expected.detach())

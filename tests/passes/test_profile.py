@@ -91,6 +91,33 @@ def test_gptq_profile_errors_fall_with_width_and_restore_weights():
     assert gptq.errors[:, 0].sum() < rtn.errors[:, 0].sum(), "GPTQ beats RTN on its own calibration tokens"
 
 
+@pytest.mark.parametrize(
+    "family,method,cfg",
+    [
+        ("qwen3_moe", "rtn", CFG),
+        ("qwen3_moe", "gptq", QuantizeConfig(bits=4, group_size=32, method="gptq", solve_memory_mb=1)),
+        ("mixtral", "gptq", QuantizeConfig(bits=4, group_size=48, calibrate_all_experts=False, act_order=True, min_tokens_fraction=0.45)),
+        ("deepseek_v3", "gptq", QuantizeConfig(bits=4, group_size=32, fallback="damped-gptq", min_tokens_fraction=0.2, symmetric=False)),
+    ],
+)
+def test_batched_sweep_equals_the_expert_by_expert_reference(family, method, cfg):
+    """Bit-identical errors and output maxima, chunked or not, with fallbacks; weights restored."""
+    block, x = _block_and_inputs(family)
+    with torch.no_grad():
+        store, handles = record_expert_inputs(block)
+        block.block(x)
+        for h in handles:
+            h.remove()
+        before = [p.detach().clone() for p in block.experts.module.parameters()]
+        sweep = ProfilePass(cfg, (2, 3, 4), method)
+        batched = sweep.profile_layer(block, store)
+        assert all(torch.equal(a, b) for a, b in zip(before, block.experts.module.parameters()))
+        reference = sweep.profile_layer_reference(block, store)
+    assert (batched.errors > 0).any()
+    for name in ("freq", "weight_mass", "errors", "params", "output_max"):
+        assert torch.equal(getattr(batched, name), getattr(reference, name)), name
+
+
 def _profile() -> ExpertProfile:
     layer = LayerProfile(
         layer=1, tokens=10, freq=torch.tensor([3.0, 1.0], dtype=torch.float64),

@@ -296,3 +296,102 @@ def test_per_channel_quantization_when_hidden_and_intermediate_sizes_differ(tmp_
     with torch.no_grad():
         logits = load(result.out)(input_ids=ids, use_cache=False).logits
     assert torch.equal(logits, torch.cat(in_memory.logits))
+
+
+# --------------------------------------------------------------------------------------------------
+# Batched expert solving equals the per-expert reference (checkpoint bytes)
+# --------------------------------------------------------------------------------------------------
+
+
+class _CompareWithReference:
+    """Runs the (batched) QuantizePass and, on a copy of each MoE layer's experts taken before it, the
+    per-expert reference; records every packed tensor that differs."""
+
+    def __init__(self, cfg: QuantizeConfig, model_config):
+        self.qpass = QuantizePass(cfg, model_config)
+        self.compared: list[tuple[int, int]] = []
+        self.mismatches: list[str] = []
+
+    def attach(self, ctx):
+        return self.qpass.attach(ctx)
+
+    def process(self, ctx) -> bool:
+        if ctx.block is None:
+            return self.qpass.process(ctx)
+        import copy
+
+        from moecompress.model.view import ExpertsView
+        from moecompress.passes.quantize import quantize_expert_reference
+        from moecompress.modules.packed import UNQUANTIZED
+
+        cfg, store = self.qpass.cfg, self.qpass._experts_store
+        experts = ExpertsView(copy.deepcopy(ctx.block.experts.module))
+        widths = cfg.widths_for(ctx.index, experts.num_experts)
+        total = sum(x.shape[0] for x in store.x)
+        refs = {e: quantize_expert_reference(experts, e, store, cfg, widths[e], total)
+                for e in range(experts.num_experts) if widths[e] != UNQUANTIZED}
+        changed = self.qpass.process(ctx)
+        packed = ctx.layer.get_submodule(ctx.block.experts_name)
+        records = {r.expert: r for r in self.qpass.report.experts if r.layer == ctx.index}
+        for e, (q_gu, q_down, method) in refs.items():
+            bits = widths[e]
+            slot = [i for i in range(e) if widths[i] == bits].__len__()
+            if records[e].method != method:
+                self.mismatches.append(f"layer {ctx.index} expert {e}: method {records[e].method} != {method}")
+            for proj, result in (("gate_up", q_gu), ("down", q_down)):
+                ref = result.packed()
+                for part in ("qweight", "scales", "zeros"):
+                    want = getattr(ref, part)
+                    if want is None:
+                        continue
+                    got = getattr(packed, f"w{bits}_{proj}_{part}")[slot]
+                    if not torch.equal(got, want):
+                        self.mismatches.append(f"layer {ctx.index} expert {e} {proj} {part}")
+            self.compared.append((ctx.index, e))
+        return changed
+
+
+@pytest.mark.parametrize(
+    "family,starved,cfg",
+    [
+        ("qwen3_moe", False, QuantizeConfig(bits=4, group_size=32)),  # calibrate-all + AGQ (the default)
+        ("qwen3_moe", False, QuantizeConfig(bits=3, group_size=32, calibrate_all_experts=False, agq=False)),
+        ("mixtral", False, QuantizeConfig(bits=4, group_size=48, symmetric=False, clip_search=True, act_order=True, solve_memory_mb=1)),
+        ("gpt_oss", True, QuantizeConfig(bits=4, group_size=32, calibrate_all_experts=False)),
+        ("deepseek_v3", True, QuantizeConfig(bits=4, group_size=-1, fallback="damped-gptq", solve_memory_mb=1)),
+        ("deepseek_v3", True, QuantizeConfig(bits=4, group_size=32, expert_bits={1: [2, 3, 4, 8, 16, 4, 3, 4], 2: [4, 16, 8, 3, 4, 4, 2, 4]})),
+    ],
+)
+def test_batched_pass_writes_the_per_expert_reference_bytes(tmp_path, family, starved, cfg):
+    """Every expert's packed codes, scales and zeros and its method equal the per-expert reference's,
+    for every option the batching must respect: calibrate-all or routed tokens, AGQ or not, a starved
+    expert (RTN and damped-GPTQ fallbacks), act_order, asymmetric with clip search, partial groups
+    (G = 48 on 64), per-channel, mixed widths with a kept expert, chunks of a few experts (1 MiB)."""
+    src = tmp_path / "src"
+    if starved:
+        save_with_starved_expert(src, family)
+    else:
+        save_tiny_model(family, src, seed=0)
+    lm = LayerwiseModel(src)
+    compare = _CompareWithReference(cfg, lm.config)
+    run_layerwise(lm, random_ids(4, 32, seed=1), [compare], batch_size=2)
+    assert compare.compared, "no MoE layer was compared"
+    assert not compare.mismatches, compare.mismatches[:10]
+    if starved:
+        assert STARVED in {r.expert for r in compare.qpass.report.fallbacks()}
+    phases = compare.qpass.report.phase_seconds()
+    assert {"load", "forward", "hessian", "solve", "pack"} <= set(phases) and all(v >= 0 for v in phases.values())
+
+
+def test_the_solver_device_is_the_cpu_without_cuda_and_named_devices_must_exist():
+    from moecompress.passes.quantize import resolve_device
+
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device(None) == torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(MoeCompressError, match="not a torch device"):
+        QuantizeConfig(device="tpu:x").validate()
+    if not torch.cuda.is_available():
+        with pytest.raises(MoeCompressError, match="no CUDA device"):
+            QuantizeConfig(device="cuda").validate()
+    with pytest.raises(MoeCompressError, match="--solve-memory-mb"):
+        QuantizeConfig(solve_memory_mb=0).validate()
