@@ -111,7 +111,7 @@ def _register_commands() -> None:
     """Commands living in their own modules register themselves on `app`."""
     import importlib
 
-    for name in ("stats", "quantize", "prune", "merge", "compress_experts", "lint", "pipeline", "demo"):
+    for name in ("stats", "quantize", "prune", "merge", "compress_experts", "heal", "lint", "pipeline", "demo"):
         importlib.import_module(f"moecompress.cli.cmd_{name}").register(app)
 
 
@@ -134,6 +134,13 @@ def main() -> None:
         os._exit(130)
 
     signal.signal(signal.SIGTERM, _terminate)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and os.environ.get("RANK", "0") != "0":
+        # torchrun: rank 0 (the writer) speaks for the job; the other ranks' refusals are the same
+        # lines, and an unexpected failure still reaches stderr as a traceback.
+        from moecompress.cli.common import console
+
+        console.quiet = True
+        sys.stdout = open(os.devnull, "w")
     app()
 
 

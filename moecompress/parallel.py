@@ -62,16 +62,18 @@ def launched_by_torchrun() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
-def init_from_env(device: torch.device | None = None) -> Ranks:
+def init_from_env() -> Ranks:
     """Join the process group torchrun described in the environment (WORLD_SIZE, RANK, MASTER_ADDR...):
-    NCCL when this process works on a CUDA device, gloo on the CPU. A plain launch is one process."""
+    gloo for CPU tensors, and NCCL for CUDA tensors where GPUs are present (one per local rank). A plain
+    launch is one process and starts nothing. Idempotent."""
     if not launched_by_torchrun():
-        return Ranks()
+        return current()
     if not dist.is_initialized():
-        use_nccl = device is not None and device.type == "cuda"
-        if use_nccl:
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend="nccl" if use_nccl else "gloo")
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+            dist.init_process_group(backend="cpu:gloo,cuda:nccl")
+        else:
+            dist.init_process_group(backend="gloo")
     return current()
 
 

@@ -18,6 +18,7 @@ from typing import Callable, Protocol
 
 from moecompress.api.output import OutputFolder, check_not_an_input, check_parent_writable
 from moecompress.errors import MoeCompressError
+from moecompress.parallel import init_from_env
 from moecompress.validation import check_choice, check_float, check_int
 
 Progress = Callable[[int, int], None]
@@ -108,8 +109,11 @@ def execute(job: Job, out: str | Path, overwrite: bool = False, dry_run: bool = 
     ``side_files``: other files the caller will write after the job (``--save-pipeline``); they are
     checked like OUT (not an input, parent writable) before any work.
     """
+    ranks = init_from_env()  # under torchrun: join the job's process group (a plain launch: one process)
     output = OutputFolder(out, overwrite, job.inputs())
     job.validate()
+    if not ranks.is_writer and not dry_run:
+        return _work_without_writing(job)
     output.check()
     for path in side_files:
         if path is not None:
@@ -126,6 +130,20 @@ def execute(job: Job, out: str | Path, overwrite: bool = False, dry_run: bool = 
         cpu_seconds=round(time.process_time() - cpu, 2),
         peak_rss_bytes=peak_rss_bytes(),
     )
+    return result
+
+
+def _work_without_writing(job: Job) -> JobResult:
+    """A rank other than the writer under torchrun: the same work (its share of each layer's experts,
+    parallel.py), into a scratch folder it never promotes; OUT, its staging and leftovers are the
+    writer's alone. The jobs' checkpoint writers write nothing on these ranks."""
+    import tempfile
+
+    start, cpu = time.perf_counter(), time.process_time()
+    with tempfile.TemporaryDirectory(prefix="moecompress-rank-") as scratch:
+        result = job.write(Path(scratch), None)
+    result.run.update(seconds=round(time.perf_counter() - start, 2), cpu_seconds=round(time.process_time() - cpu, 2),
+                      peak_rss_bytes=peak_rss_bytes())
     return result
 
 

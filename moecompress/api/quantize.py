@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 import moecompress
+from moecompress.parallel import current as current_ranks
 from moecompress.api.calibration import CalibrationSpec, dummy_batch, load_for_model
 from moecompress.api.job import JobResult, Progress, execute, labelled, model_label, require_choice, require_float, require_int
 from moecompress.api.output import scratch_folder
@@ -336,6 +337,8 @@ def write_mixed_precision(
     qcfg = replace(qcfg, expert_bits=plan.expert_bits)
     target = Path(target)
     qpass = write_quantized(model_folder, target, qcfg, input_ids, calibration, batch_size, progress, extra={EXTRA_KEY: record})
+    if not current_ranks().is_writer:  # under torchrun the other ranks only solved their experts
+        return qpass, None
     profile.save(target / "profile")
     written = checkpoint_budget(target)
     if written > mp.budget + BUDGET_TOL:
@@ -395,6 +398,11 @@ class QuantizeJob:
         if o.needs_calibration():
             calib_set, calibration = load_for_model(self.model, o.calibration(), self.announce)
             ids = calib_set.input_ids
+        ranks = current_ranks()
+        if not ranks.is_writer:  # torchrun: this rank solves its share of every layer's experts, writes nothing
+            qpass, _ = self._write_native(stage, cfg, mp, ids, calibration, None)
+            return JobResult(None, {"command": self.command, "rank": ranks.rank, "world": ranks.world,
+                                    "experts_solved_here": qpass.report.solved_here})
         if o.format == "native":
             qpass, mp_result = self._write_native(stage, cfg, mp, ids, calibration, progress)
         else:
@@ -464,6 +472,9 @@ class QuantizeJob:
         if fallbacks:
             result.notes.append(fallback_line(fallbacks, o))
         result.run["phase_seconds"] = qpass.report.phase_seconds()  # wall time per phase (never in OUT)
+        ranks = current_ranks()
+        if ranks.distributed:
+            result.run.update(world=ranks.world, experts_solved_here=qpass.report.solved_here)
         if mp_result is not None:
             result.run["profile_seconds"] = None if mp_result.profile.seconds is None else round(mp_result.profile.seconds, 2)
             result.run["allocation_seconds"] = round(mp_result.plan.seconds, 3)

@@ -21,6 +21,7 @@ from transformers.core_model_loading import revert_weight_conversion
 from moecompress.errors import MoeCompressError
 from moecompress.export.load_guard import guard_names, write_guard
 from moecompress.model.families import OUTPUT_COPY_FILES
+from moecompress.parallel import current as current_ranks
 from moecompress.quant.hf_integration import native_config
 
 
@@ -42,6 +43,8 @@ class CheckpointWriter:
         self.dtype = dtype
         self.weight_map: dict[str, str] = {}
         self.total_bytes = 0
+        # Under torchrun every rank walks the model; only the writer (rank 0) writes a byte.
+        self.enabled = current_ranks().is_writer
 
     def write_module(self, prefix: str, module: nn.Module, shard_name: str) -> None:
         state = {f"{prefix}.{k}" if prefix else k: v for k, v in module.state_dict().items()}
@@ -49,7 +52,7 @@ class CheckpointWriter:
 
     def write_tensors(self, state: dict[str, torch.Tensor], shard_name: str) -> None:
         state = {k: v for k, v in state.items() if v.device.type != "meta"}
-        if not state:
+        if not state or not self.enabled:
             return
         state = revert_weight_conversion(self.model, state)
         # Tied or shared storage must be cloned for safetensors.
@@ -63,6 +66,8 @@ class CheckpointWriter:
 
     def finish(self, config, source_folder: Path | None = None) -> None:
         """The load guard (native checkpoints), index, config and tokenizer files."""
+        if not self.enabled:
+            return
         native = native_config(config)
         if native is not None and native.get("modules"):
             guards = guard_names(config, native["modules"], self.weight_map)

@@ -29,6 +29,7 @@ from typing import Callable
 
 import torch
 
+from moecompress.parallel import current as current_ranks
 from moecompress.analysis.super_experts import SHARED_EXPERT, SuperExpert
 from moecompress.errors import MoeCompressError
 from moecompress.passes.profile import ExpertProfile, expert_weight_count, profile_experts
@@ -299,7 +300,7 @@ def load_or_profile(
     if input_ids is None:
         raise MoeCompressError("profiling for --bits-budget needs calibration data; pass --calib (or --stats DIR with a saved profile)")
     profile = profile_experts(model_folder, input_ids, qcfg, tuple(mp.bit_choices), mp.profile_method, calibration, batch_size, progress)
-    if stats_dir is not None:
+    if stats_dir is not None and current_ranks().is_writer:  # under torchrun, one rank writes it
         profile.save(stats_dir)
     return profile, False
 

@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from moecompress import parallel
 from moecompress.errors import MoeCompressError
 from moecompress.kernels.moe_gemm import hf_activation
 from moecompress.model.driver import LayerContext, PhaseTimer
@@ -149,6 +150,7 @@ class ExpertRecord:
 class QuantizeReport:
     experts: list[ExpertRecord] = field(default_factory=list)
     linears: list[dict] = field(default_factory=list)
+    solved_here: int = 0  # experts this process solved (all of them, but for its share under torchrun)
     # The driver's run timer (load, forward, write) with this pass's phases (hessian, solve, pack);
     # wall seconds, for the JSON result only: report.md carries no timings (same inputs, same bytes).
     timer: PhaseTimer | None = None
@@ -571,12 +573,19 @@ class QuantizePass:
             solver = "rtn" if method in ("rtn", "fallback:rtn") else "gptq"
             groups.setdefault((widths[e], solver), []).append(e)
             records[e] = ExpertRecord(ctx.index, e, widths[e], counts[e], method, 0.0)
+        ranks = parallel.current()
+        owner = expert_owners(groups, counts, total_tokens, experts, cfg, ranks.world)
         with self._on_device(experts):
             for (bits, solver), members in sorted(groups.items()):
-                for chunk in self._chunks(experts, members):
+                mine = [e for e in members if owner[e] == ranks.rank]
+                for chunk in self._chunks(experts, mine):
                     errors = self._solve_chunk(experts, routing, chunk, bits, solver, [damps[e] for e in chunk], packed, slot_of)
                     for e, err in zip(chunk, errors):
                         records[e].rel_error = err
+                self.report.solved_here += len(mine)
+        if ranks.distributed:
+            with self._phase("share"):
+                share_packed_experts(packed, groups, owner, slot_of, records, ranks)
         self.report.experts.extend(records[e] for e in range(experts.num_experts))
         ctx.layer.set_submodule(block.experts_name, packed)
         self.modules[f"{layer_prefix}.{block.experts_name}"] = {"type": "experts", **spec_e.as_json()}
@@ -652,6 +661,50 @@ class QuantizePass:
             getattr(packed, f"w{bits}_{proj}_scales")[slot].copy_(p.scales)
             if p.zeros is not None:
                 getattr(packed, f"w{bits}_{proj}_zeros")[slot].copy_(p.zeros)
+
+
+def expert_owners(groups: dict[tuple[int, str], list[int]], counts: list[int], total_tokens: int,
+                  experts: ExpertsView, cfg: QuantizeConfig, world: int) -> list[int]:
+    """The rank that solves each expert under torchrun (parallel.owners: LPT on estimated cost); all
+    zeros for one process. Cost: the GPTQ Hessian and activation GEMMs over the expert's tokens (every
+    token with calibrate-all) plus the solve; RTN costs one pass over the weights."""
+    if world == 1:
+        return [0] * experts.num_experts
+    h, n_in, i = experts.hidden_size, (2 if experts.has_gate else 1) * experts.intermediate_size, experts.intermediate_size
+    costs = [0.0] * experts.num_experts
+    for (_bits, solver), members in groups.items():
+        for e in members:
+            if solver == "rtn":
+                costs[e] = float(h * n_in + i * h)
+            else:
+                tokens = total_tokens if cfg.calibrate_all_experts else counts[e]
+                costs[e] = float(tokens * (h * h + h * n_in + i * i) + n_in * h * h + h * i * i)
+    return parallel.owners(costs, world)
+
+
+def share_packed_experts(packed: PackedExperts, groups: dict[tuple[int, str], list[int]], owner: list[int],
+                         slot_of: dict[int, int], records: dict[int, "ExpertRecord"], ranks: parallel.Ranks) -> None:
+    """Give every rank every quantized expert's packed tensors (and report error), each from its owner,
+    bit for bit (parallel.share_results)."""
+    widths = {e: bits for (bits, _solver), members in groups.items() for e in members}
+
+    def slot_tensors(e: int) -> dict[str, torch.Tensor]:
+        bits, out = widths[e], {}
+        for proj in ("gate_up", "down"):
+            for kind in ("qweight", "scales", "zeros"):
+                buffer = getattr(packed, f"w{bits}_{proj}_{kind}", None)
+                if buffer is not None:
+                    out[f"{proj}_{kind}"] = buffer[slot_of[e]]
+        return out
+
+    mine = {e: (slot_tensors(e), records[e].rel_error) for e in widths if owner[e] == ranks.rank}
+    units = sorted(widths)  # share_results indexes units 0..n-1
+    shared = parallel.share_results({units.index(e): v for e, v in mine.items()}, [owner[e] for e in units], ranks)
+    for u, (tensors, rel_error) in shared.items():
+        e = units[u]
+        for name, value in slot_tensors(e).items():
+            value.copy_(tensors[name])
+        records[e].rel_error = rel_error
 
 
 def _slots(widths: list[int]) -> dict[int, int]:
