@@ -102,6 +102,11 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+# Jobs whose work is shared across torchrun processes (expert parallelism, parallel.py); the others
+# would only repeat the same work on every rank.
+DISTRIBUTED_COMMANDS = ("quantize",)
+
+
 def execute(job: Job, out: str | Path, overwrite: bool = False, dry_run: bool = False,
             progress: Progress | None = None, side_files: list[Path | str | None] = ()) -> JobResult:
     """Run ``job`` into ``out`` under the output contract.
@@ -110,6 +115,9 @@ def execute(job: Job, out: str | Path, overwrite: bool = False, dry_run: bool = 
     checked like OUT (not an input, parent writable) before any work.
     """
     ranks = init_from_env()  # under torchrun: join the job's process group (a plain launch: one process)
+    if ranks.distributed and job.command not in DISTRIBUTED_COMMANDS:
+        raise MoeCompressError(f"{job.command} runs in one process: launch it without torchrun "
+                               f"(on several processes: {', '.join(DISTRIBUTED_COMMANDS)})")
     output = OutputFolder(out, overwrite, job.inputs())
     job.validate()
     if not ranks.is_writer and not dry_run:
