@@ -12,8 +12,8 @@ from moecompress.modules import hf_quantizer as _hf_quantizer  # noqa: E402,F401
 # The library API (moecompress.quantize(model, out, QuantizeOptions(...)), ...), imported on first use
 # so that `import moecompress` stays the light registration above.
 _API_NAMES = (
-    "quantize", "prune", "merge", "stats", "compress_experts", "JobResult",
-    "QuantizeOptions", "PruneOptions", "MergeOptions", "StatsOptions", "CompressExpertsOptions",
+    "quantize", "prune", "merge", "stats", "compress_experts", "heal", "JobResult",
+    "QuantizeOptions", "PruneOptions", "MergeOptions", "StatsOptions", "CompressExpertsOptions", "HealOptions",
 )
 
 

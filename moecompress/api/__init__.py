@@ -9,6 +9,7 @@ swap, no input ever overwritten. The CLI and the YAML pipeline call these functi
 """
 
 from moecompress.api.compress_experts import CompressExpertsOptions, compress_experts
+from moecompress.api.heal import HealOptions, heal
 from moecompress.api.job import JobResult
 from moecompress.api.merge import MergeOptions, merge
 from moecompress.api.prune import PruneOptions, prune
@@ -17,12 +18,14 @@ from moecompress.api.stats import StatsOptions, stats
 
 __all__ = [
     "CompressExpertsOptions",
+    "HealOptions",
     "JobResult",
     "MergeOptions",
     "PruneOptions",
     "QuantizeOptions",
     "StatsOptions",
     "compress_experts",
+    "heal",
     "merge",
     "prune",
     "quantize",

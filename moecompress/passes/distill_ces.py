@@ -117,18 +117,42 @@ def adam_steps(
     Returns the training loss of each step (measured before that step's update). ``after_step(step)``
     (1-based) is called after each update, e.g. to follow a held-back loss.
     """
+    return resumable_adam(params, batch_loss, n_rows, batch, steps, lr, seed,
+                          after_step=None if after_step is None else (lambda step, _opt, _losses: after_step(step)))
+
+
+def resumable_adam(
+    params: list[torch.Tensor],
+    batch_loss: Callable[[torch.Tensor], torch.Tensor],
+    n_rows: int,
+    batch: int,
+    steps: int,
+    lr: float,
+    seed: int,
+    start_step: int = 0,
+    optimizer_state: dict | None = None,
+    losses: list[float] | None = None,
+    after_step: Callable[[int, torch.optim.Optimizer, list[float]], None] | None = None,
+) -> list[float]:
+    """:func:`adam_steps` that can start at ``start_step`` from a saved ``optimizer_state`` (and the
+    ``losses`` so far): the minibatch stream is replayed up to that step, so a resumed run takes exactly
+    the steps an uninterrupted one would. ``after_step(step, optimizer, losses)`` may save a checkpoint."""
     opt = torch.optim.Adam(params, lr=lr)
+    if optimizer_state is not None:
+        opt.load_state_dict(optimizer_state)
     batches = shuffled_batches(n_rows, batch, torch.Generator().manual_seed(seed))
-    losses = []
+    for _ in range(start_step):
+        next(batches)
+    losses = list(losses or [])
     with torch.enable_grad():
-        for _ in range(steps):
+        for step in range(start_step, steps):
             loss = batch_loss(next(batches))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             losses.append(float(loss.detach()))
             if after_step is not None:
-                after_step(len(losses))
+                after_step(step + 1, opt, losses)
     return losses
 
 

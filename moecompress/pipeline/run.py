@@ -36,6 +36,8 @@ def step_options(p: Pipeline, index: int, stats_dir: Path | None):
     names = {f.name for f in dataclasses.fields(schema.options)}
     values = {CALIBRATION_FIELDS[k]: v for k, v in p.calibration.items() if CALIBRATION_FIELDS[k] in names}
     values.update(step.fields)
+    if step.name == "heal":
+        values.setdefault("teacher", p.model)  # the original model: what the passes before compressed
     if stats_dir is not None and "stats" in names and "stats" not in step.fields:
         values["stats"] = str(stats_dir)
     if step.name == "quantize" and p.export["format"] == "compressed-tensors":
@@ -113,6 +115,7 @@ class PipelineJob:
             paths.append(("calibration source", calib))
         paths += [("evaluation data", d) for d in (p.eval or {}).get("data", [])]
         paths += [(f"pass {s.name} statistics folder", s.fields["stats"]) for s in p.passes if s.fields.get("stats")]
+        paths += [(f"pass {s.name} teacher", s.fields["teacher"]) for s in p.passes if s.fields.get("teacher")]
         return paths
 
     def validate(self) -> None:

@@ -34,6 +34,7 @@ from typing import Callable
 import yaml
 
 from moecompress.api.compress_experts import CompressExpertsJob, CompressExpertsOptions
+from moecompress.api.heal import HealJob, HealOptions
 from moecompress.api.merge import MergeOptions
 from moecompress.api.prune import PruneOptions
 from moecompress.api.quantize import QuantizeJob, QuantizeOptions
@@ -55,7 +56,7 @@ PACKS_WEIGHTS = ("quantize",)
 WRITES_NATIVE = ("quantize", "compress_experts")
 # String fields that hold a comma-separated list: YAML may give them as a list ([2, 3, 4]). Any other
 # string field given as a list or mapping is refused.
-COMMA_LIST_FIELDS = ("bit_choices",)
+COMMA_LIST_FIELDS = ("bit_choices", "train")
 # Section keys whose null means "not given" (their default is None); any other null is refused.
 NULLABLE_KEYS = {"eval": ("max_tokens",)}
 _TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "true or false", list: "a list"}
@@ -101,6 +102,8 @@ PASSES: dict[str, PassSchema] = {
     "prune": PassSchema("prune", "prune", PruneOptions, lambda model, o: o.job(model)),
     "merge": PassSchema("merge", "merge", MergeOptions, lambda model, o: o.job(model)),
     "compress_experts": PassSchema("compress_experts", "compress-experts", CompressExpertsOptions, CompressExpertsJob),
+    # The teacher defaults to the pipeline's model (run.step_options): heal after prune/merge/compress.
+    "heal": PassSchema("heal", "heal", HealOptions, lambda model, o: HealJob(model, o)),
 }
 
 

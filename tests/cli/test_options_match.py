@@ -11,7 +11,7 @@ import inspect
 import pytest
 import typer
 
-from moecompress.api import CompressExpertsOptions, MergeOptions, PruneOptions, QuantizeOptions, StatsOptions
+from moecompress.api import CompressExpertsOptions, HealOptions, MergeOptions, PruneOptions, QuantizeOptions, StatsOptions
 from moecompress.cli.common import RUNNER_OWNED
 from moecompress.cli.main import app
 from moecompress.pipeline.schema import PASSES
@@ -22,6 +22,7 @@ COMMANDS = {
     "merge": MergeOptions,
     "stats": StatsOptions,
     "compress-experts": CompressExpertsOptions,
+    "heal": HealOptions,
 }
 CLI_ONLY = {"stats": {"as_json"}}  # printing, not an option of the job
 
