@@ -107,15 +107,14 @@ def perplexity(folder: Path, testbed: Path, env: dict) -> dict:
 
 def moecompress_run(testbed: Path, out: Path, bits: int, env: dict) -> dict:
     cmd = [sys.executable, "-m", "moecompress.cli.main", "quantize", str(testbed), str(out), "--bits", str(bits),
-           "--group-size", str(GROUP), "--attention-bits", str(bits), "--calib", "mixed", "--nsamples", str(NSAMPLES),
+           "--group-size", str(GROUP), "--quantize-attention", "--attention-bits", str(bits), "--calib", "mixed", "--nsamples", str(NSAMPLES),
            "--seqlen", str(SEQLEN), "--seed", str(SEED), "--json"]
     done = run_child(cmd, env)
     try:
         summary = json.loads(done["stdout"].strip().splitlines()[-1])
     except (json.JSONDecodeError, IndexError):
         summary = {}
-    phases = (summary.get("summary") or {}).get("phases") or summary.get("phases")
-    return {k: v for k, v in done.items() if k != "stdout"} | ({"phases": phases} if phases else {})
+    return {k: v for k, v in done.items() if k != "stdout"} | {"phases": summary.get("phase_seconds")}
 
 
 def llmc_run(llmc_python: Path, testbed: Path, ids: Path, out: Path, bits: int, env: dict, work: Path) -> dict:
