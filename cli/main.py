@@ -134,7 +134,9 @@ def main() -> None:
         os._exit(130)
 
     signal.signal(signal.SIGTERM, _terminate)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and os.environ.get("RANK", "0") != "0":
+    from moecompress.parallel import launched_by_torchrun
+
+    if launched_by_torchrun() and os.environ.get("RANK", "0") != "0":
         # torchrun: rank 0 (the writer) speaks for the job; the other ranks' refusals are the same
         # lines, and an unexpected failure still reaches stderr as a traceback.
         from moecompress.cli.common import console

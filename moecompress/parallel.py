@@ -59,7 +59,8 @@ def current() -> Ranks:
 
 
 def launched_by_torchrun() -> bool:
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+    """torchrun (or any launcher using its env:// rendezvous) started this process as one of several."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and "MASTER_ADDR" in os.environ
 
 
 def init_from_env() -> Ranks:
