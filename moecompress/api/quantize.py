@@ -72,6 +72,24 @@ def dense_widths(o: "QuantizeOptions", has_shared_experts: bool) -> dict[str, in
     return {flag: w for flag, w in widths.items() if w not in (None, 16)}
 
 
+def check_target_shapes(o: "QuantizeOptions", expert_dims: list[tuple[int, int]]) -> None:
+    """VL306 before any work: every width the vllm target may write packs the experts' input
+    dimensions (``expert_dims``: (hidden, intermediate) per MoE layer) into whole int32 rows."""
+    target = target_table(o)
+    if target is None or target.name != "vllm":
+        return
+    from moecompress.export.targets import pack_factor_problem
+
+    widths = [o.bits] if o.bits_budget is None else list(o.mixed_precision_config().bit_choices)
+    widths = [b for b in widths if b in target.widths()]  # 16 (a layer left dense) packs nothing
+    for bits in widths:
+        for hidden, intermediate in sorted(set(expert_dims)):
+            problem = pack_factor_problem(target, bits, hidden, intermediate)
+            if problem:
+                advice = "choose another --bits" if o.bits_budget is None else f"drop {bits} from --bit-choices"
+                raise MoeCompressError(f"--target vllm: {problem} (lint rule VL306); {advice}, or --target native")
+
+
 def check_target(o: "QuantizeOptions", has_shared_experts: bool = False) -> None:
     """Refuse, before any work, what the target cannot run (the rule ids are the lint's).
     ``has_shared_experts``: whether the model has them (the job knows; options alone do not)."""
@@ -373,6 +391,7 @@ class QuantizeJob:
         lm.require_dense("quantize")
         # the model decides whether the shared experts (at --bits by default) are dense modules to check
         check_target(o, has_shared_experts=any(b.shared is not None for b in lm.view.blocks.values()))
+        check_target_shapes(o, [(b.experts.hidden_size, b.experts.intermediate_size) for b in lm.view.blocks.values()])
         from moecompress.passes.quantize import check_group_size_fits
 
         # shapes only, before any work; compressed-tensors needs whole groups

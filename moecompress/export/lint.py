@@ -34,6 +34,8 @@ VL304   vllm-moe-scheme-lookup               vllm    error    vLLM looks a MoE l
                                                               that lookup must give expert 0's stored scheme (or none for a dense layer)
 VL305   vllm-dense-widths                    vllm    error    quantized attention / shared-expert linears at a width vLLM's dense
                                                               path runs (0.33: 4, 8; ``humming``: 2-8)
+VL306   vllm-moe-pack-factor                 vllm    error    the experts' hidden and intermediate sizes are multiples of 32 // bits
+                                                              (vLLM allocates MoE weights as [E, K // (32 // bits), N] int32)
 ======  ===================================  ======  ======== ======================================================
 
 Which release each target rule describes: ``vllm_version`` ("0.33", the default, or "humming") and
@@ -79,11 +81,13 @@ RULES: dict[str, tuple[str, str]] = {
     "VL303": ("vllm-marlin-eligible", tg.WARNING),
     "VL304": ("vllm-moe-scheme-lookup", tg.ERROR),
     "VL305": ("vllm-dense-widths", tg.ERROR),
+    "VL306": ("vllm-moe-pack-factor", tg.ERROR),
 }
 RULE_TARGETS: dict[str, tuple[str, ...]] = {
     "CT100": (tg.ALL,), "CT101": ("vllm",), "CT102": (tg.ALL, "hf"), "CT103": (tg.ALL,), "CT104": (tg.ALL,),
     "CT105": (tg.ALL,), "CT106": (tg.ALL,), "HF201": ("hf",), "HF202": ("hf",), "HF203": ("hf",),
     "VL301": ("vllm",), "VL302": ("vllm",), "VL303": ("vllm",), "VL304": ("vllm",), "VL305": ("vllm",),
+    "VL306": ("vllm",),
 }
 _VLLM_PROBES = ("gate_proj", "up_proj", "down_proj")  # get_moe_method's unfused names for expert 0
 TARGET_NAMES: tuple[str, ...] = tuple(tg.TARGETS)
@@ -397,6 +401,10 @@ def _check_moe_layers(report: LintReport, tables: dict, experts, modules, scheme
         # vLLM takes the layer's scheme from expert 0: the fast-kernel question is about that scheme
         first = scheme_of.get(members[0][1]) if members else None
         dims = _layer_dims(members, tensors)
+        if runs and first in schemes and dims is not None and groups[first].weights:
+            problem = tg.pack_factor_problem(vllm, groups[first].weights.num_bits, *dims)
+            if problem:
+                report.add("VL306", path, f"{problem}; the load fails", vllm.name)
         if runs and len(schemes) == 1 and first in schemes and dims is not None and groups[first].weights:
             w = groups[first].weights
             strategy = getattr(w.strategy, "value", w.strategy)

@@ -92,6 +92,9 @@ class TargetCapabilities:
     dense_bits: tuple[int, ...] | None  # widths a quantized attention / shared-expert linear may have (None: any)
     marlin: MarlinRule | None  # fast-kernel eligibility (warnings only)
     note: str = ""
+    # The MoE weights are allocated as [E, K // (32 // bits), N] int32 (vLLM's WNA16 create_weights), so
+    # every input dimension K must be a multiple of the values one int32 holds; else the load fails.
+    moe_k_multiple_of_pack_factor: bool = False
 
     @property
     def label(self) -> str:
@@ -119,6 +122,7 @@ VLLM = TargetCapabilities(
     dense_bits=(4, 8),  # schemes/compressed_tensors_wNa16.py: WNA16_SUPPORTED_BITS = [4, 8]
     marlin=MarlinRule(),
     note="scheme read per MoE layer from expert 0; WNA16 MoE backends",
+    moe_k_multiple_of_pack_factor=True,
 )
 
 VLLM_HUMMING = TargetCapabilities(
@@ -134,6 +138,7 @@ VLLM_HUMMING = TargetCapabilities(
     dense_bits=(2, 3, 4, 5, 6, 7, 8),  # dense Humming Linear: vllm PR #46389 (2/3/5/6/7-bit), merged
     marlin=MarlinRule(),  # 4/8-bit layers still take the Marlin / WNA16 route
     note="2-bit experts run on the JIT Humming MoE kernel (compute capability >= 7.5)",
+    moe_k_multiple_of_pack_factor=True,
 )
 
 _HF_SYMMETRIC = tuple(MoeScheme(b, True) for b in (2, 3, 4, 5, 6, 7, 8))
@@ -266,6 +271,19 @@ def dense_bits_problem(target: TargetCapabilities, bits: int | None) -> str | No
     return f"{target.label} ({target.versions}) runs quantized linears at {list(target.dense_bits)} bits only, not {bits}"
 
 
+def pack_factor_problem(target: TargetCapabilities, bits: int | None, hidden: int, intermediate: int) -> str | None:
+    """VL306: the experts' input dimensions (hidden for gate/up, intermediate for down) are multiples of
+    32 // bits, the codes one int32 of vLLM's MoE weight holds."""
+    if not target.moe_k_multiple_of_pack_factor or not bits or 32 % bits:
+        return None
+    pack = 32 // bits
+    bad = [f"{what} {k}" for what, k in (("hidden size", hidden), ("intermediate size", intermediate)) if k % pack]
+    if not bad:
+        return None
+    return (f"{target.label} allocates MoE weights as K // {pack} int32 rows at {bits} bits: "
+            f"{' and '.join(bad)} not a multiple of {pack}")
+
+
 def marlin_problem(target: TargetCapabilities, group_size: int, hidden: int, intermediate: int) -> str | None:
     """VL303: the layer runs on the fast Marlin MoE kernel."""
     rule = target.marlin
@@ -305,5 +323,5 @@ __all__ = [
     "ALL", "DEFAULT_VERSIONS", "DENSE_ANY", "DENSE_AS_EXPERTS", "DENSE_ONE_SCHEME", "ERROR", "HF", "HF_525",
     "TARGETS", "VERSIONS", "VLLM", "VLLM_HUMMING", "WARNING", "MarlinRule", "MoeScheme", "TargetCapabilities",
     "dense_bits_problem", "dense_layer_problem", "dense_scheme_group", "dense_width_problem", "get_target", "layer_schemes_problem",
-    "marlin_problem", "model_experts_schemes_problem", "moe_symmetry_problem", "moe_width_problem", "scheme_key",
+    "marlin_problem", "model_experts_schemes_problem", "moe_symmetry_problem", "moe_width_problem", "pack_factor_problem", "scheme_key",
 ]

@@ -78,3 +78,18 @@ def test_vllm_bit_choices_follow_the_version():
     assert vllm_bit_choices((2, 3, 4, 8), True) == (4, 8)
     assert vllm_bit_choices((2, 3, 4, 8), True, "humming") == (2, 4, 8)
     assert vllm_bit_choices((2, 3, 4, 8, 16), False, "humming") == (4, 16), "2-bit asymmetric is not claimed"
+
+
+def test_vllm_target_refuses_widths_that_do_not_pack_the_expert_dims_before_work(tmp_path):
+    """VL306 up front: 2-bit experts on vLLM need K % 16 == 0; moe intermediate 40 does not."""
+    src = tmp_path / "i40"
+    save_tiny_model("qwen3_moe", src, hidden_size=128, moe_intermediate_size=40)
+    save_tiny_tokenizer(src)
+    result = run("quantize", src, tmp_path / "q", "--method", "rtn", "--group-size", "8", "--bits", "2",
+                 "--target", "vllm", "--vllm-version", "humming")
+    assert result.exit_code == 2 and "VL306" in result.stderr and "intermediate size 40" in result.stderr, result.output
+    mixed = run("quantize", src, tmp_path / "q", "--method", "rtn", "--group-size", "8", "--bits-budget", "5",
+                "--bit-choices", "2,4,8", "--target", "vllm", "--vllm-version", "humming", "--nsamples", "2", "--seqlen", "8")
+    assert mixed.exit_code == 2 and "drop 2 from --bit-choices" in mixed.stderr, mixed.output
+    assert not (tmp_path / "q").exists()
+

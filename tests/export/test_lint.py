@@ -292,9 +292,27 @@ def test_vl305_attention_at_a_width_vllm_dense_path_does_not_run(tiny, tmp_path)
     assert lint_checkpoint(folder, "vllm", vllm_version="humming").findings == [], "Humming runs 3-bit dense linears"
 
 
+def test_vl306_expert_dims_must_hold_whole_int32_rows_of_codes(tmp_path):
+    """vLLM allocates MoE weights as [E, K // (32 // bits), N]: 2-bit experts need K % 16 == 0. An
+    intermediate size of 40 packs at 4 bits (40 % 8 == 0) but not at 2."""
+    src = tmp_path / "i40"
+    save_tiny_model("qwen3_moe", src, hidden_size=128, moe_intermediate_size=40)
+
+    def export(bits):
+        native = tmp_path / f"i40_w{bits}_native"
+        quantize_job(src, native, QuantizeConfig(bits=bits, group_size=8, method="rtn"), None, {"source": "none"})
+        return convert_native_to_compressed_tensors(native, tmp_path / f"i40_w{bits}")
+
+    two = lint_checkpoint(export(2), "vllm", vllm_version="humming")
+    assert two.errors and {f.rule for f in two.errors} == {"VL306"}, [str(f) for f in two.findings]
+    assert "intermediate size 40 not a multiple of 16" in two.errors[0].message
+    four = lint_checkpoint(export(4), "vllm")
+    assert "VL306" not in four.rules_hit() and four.clean_for("vllm")
+
+
 def test_every_rule_has_a_test():
     tested = {"CT100", "CT101", "CT102", "CT103", "CT104", "CT105", "CT106", "HF201", "HF202", "HF203",
-              "VL301", "VL302", "VL303", "VL304", "VL305"}
+              "VL301", "VL302", "VL303", "VL304", "VL305", "VL306"}
     assert set(RULES) == tested == set(RULE_TARGETS)
 
 
