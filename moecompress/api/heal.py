@@ -11,7 +11,7 @@ method is :mod:`moecompress.passes.heal`; this module is the job: checks, calibr
 
 Work folder: training state (hidden states of the calibration tokens on disk, per-layer results,
 training checkpoints) lives in ``<OUT>.moecompress-heal-work/`` beside OUT (or ``--work-dir``), keyed by
-the inputs and options (``key.json``). A run that is killed leaves it behind; rerunning the SAME command
+the inputs and options (``moecompress-heal-work.json``). A run that is killed leaves it behind; rerunning the SAME command
 continues from the last checkpoint, and gives the same bytes as an uninterrupted run. A different
 command (other inputs or options) starts the folder over. It is removed after a successful run.
 """
@@ -189,21 +189,39 @@ def default_work_dir(out: Path) -> Path:
     return out.parent / (out.name + WORK_SUFFIX)
 
 
+WORK_MARKER = "moecompress-heal-work.json"  # names a folder as ours: only such a folder is ever removed
+
+
+def _work_key(path: Path) -> str | None:
+    """The run key a heal work folder holds; None when ``path`` is not one (no marker, or not ours)."""
+    try:
+        data = json.loads((path / WORK_MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+    return data.get("key") if isinstance(data, dict) else None
+
+
 def open_work_dir(path: Path, key: str, announce=None) -> Path:
-    """The work folder for ``key``: reused when it holds the same run (resume), otherwise started over."""
-    key_file = path / "key.json"
+    """The work folder for ``key``: reused when it holds the same run (resume), otherwise started over.
+    A folder without our marker is never emptied: a user's non-empty folder is refused."""
     if path.exists():
-        old = json.loads(key_file.read_text()).get("key") if key_file.is_file() else None
+        old = _work_key(path)
         if old == key:
             if announce is not None:
                 announce(f"resuming from the work folder {path}")
             return path
-        if not key_file.is_file() and any(path.iterdir()):
+        if old is None and (not path.is_dir() or any(path.iterdir())):
             raise MoeCompressError(f"{path} exists and is not a heal work folder; remove it or pass another --work-dir")
         shutil.rmtree(path)
     path.mkdir(parents=True)
-    key_file.write_text(json.dumps({"key": key}))
+    (path / WORK_MARKER).write_text(json.dumps({"key": key}))
     return path
+
+
+def remove_work_dir(path: Path) -> None:
+    """After success: the training state is no longer needed (only a folder carrying our marker)."""
+    if _work_key(path) is not None:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -415,7 +433,7 @@ def heal(model: str | Path, out: str | Path, options: HealOptions | None = None,
     job = HealJob(model, options, out, announce)
     result = execute(job, out, overwrite, dry_run, progress, side_files)
     if not dry_run and job.work_dir is not None:
-        shutil.rmtree(job.work_dir, ignore_errors=True)  # OUT is complete: the training state is no longer needed
+        remove_work_dir(job.work_dir)  # OUT is complete: the training state is no longer needed
     return result
 
 

@@ -260,3 +260,26 @@ def test_heal_then_quantize(root, healed, tmp_path):
     assert result.out.is_dir()
     model = AutoModelForCausalLM.from_pretrained(str(tmp_path / "q"))
     assert model(input_ids=torch.tensor([[5, 6, 7]])).logits.isfinite().all()
+
+
+def test_a_work_dir_without_our_marker_is_never_emptied(tmp_path):
+    """--work-dir pointing at a user's folder (even one holding a key.json) is refused, its files intact;
+    only a folder carrying the heal marker is reused, restarted or removed."""
+    from moecompress.api.heal import WORK_MARKER, open_work_dir, remove_work_dir
+
+    users = tmp_path / "mine"
+    users.mkdir()
+    (users / "key.json").write_text('{"key": "x"}')
+    with pytest.raises(MoeCompressError, match="is not a heal work folder"):
+        open_work_dir(users, "run-1")
+    assert (users / "key.json").read_text() == '{"key": "x"}'
+    remove_work_dir(users)
+    assert users.exists()
+
+    work = open_work_dir(tmp_path / "work", "run-1")
+    (work / "state").write_text("step 5")
+    assert open_work_dir(work, "run-1") == work and (work / "state").exists()  # resume
+    assert open_work_dir(work, "run-2") == work and not (work / "state").exists()  # another run: restart
+    assert (work / WORK_MARKER).exists()
+    remove_work_dir(work)
+    assert not work.exists()
