@@ -133,6 +133,11 @@ def execute(job: Job, out: str | Path, overwrite: bool = False, dry_run: bool = 
         result = job.write(stage, progress)
     result.out = output.out
     result.summary["out"] = str(output.out)
+    return _with_run_costs(result, start, cpu)
+
+
+def _with_run_costs(result: JobResult, start: float, cpu: float) -> JobResult:
+    """Wall and CPU seconds since (start, cpu) and the peak RSS, in the result's run record (never in OUT)."""
     result.run.update(
         seconds=round(time.perf_counter() - start, 2),
         cpu_seconds=round(time.process_time() - cpu, 2),
@@ -150,9 +155,7 @@ def _work_without_writing(job: Job) -> JobResult:
     start, cpu = time.perf_counter(), time.process_time()
     with tempfile.TemporaryDirectory(prefix="moecompress-rank-") as scratch:
         result = job.write(Path(scratch), None)
-    result.run.update(seconds=round(time.perf_counter() - start, 2), cpu_seconds=round(time.process_time() - cpu, 2),
-                      peak_rss_bytes=peak_rss_bytes())
-    return result
+    return _with_run_costs(result, start, cpu)
 
 
 def check_side_file(path: str | Path, inputs) -> None:

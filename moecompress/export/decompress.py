@@ -24,7 +24,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from moecompress.errors import MoeCompressError
-from moecompress.export.lint import _groups_matching, _ignored, _read_json, _shard_files
+from moecompress.export.lint import groups_matching, is_ignored, read_json, shard_files
 from moecompress.model.families import OUTPUT_COPY_FILES
 
 
@@ -48,7 +48,7 @@ def transformers_loads_exactly(folder: str | Path) -> tuple[bool, str]:
 
 def _read_all(folder: Path) -> dict[str, torch.Tensor]:
     tensors: dict[str, torch.Tensor] = {}
-    for file in _shard_files(folder):
+    for file in shard_files(folder):
         with safe_open(str(file), "pt") as f:
             for key in f.keys():
                 tensors[key] = f.get_tensor(key)
@@ -61,7 +61,7 @@ def decompress_to_dense(folder: str | Path, out: str | Path) -> Path:
     from compressed_tensors.quantization import QuantizationConfig
 
     folder, out = Path(folder), Path(out)
-    config = _read_json(folder / "config.json")
+    config = read_json(folder / "config.json")
     qc = QuantizationConfig.model_validate(config.pop("quantization_config"))
     groups, ignore = dict(qc.config_groups), list(qc.ignore or [])
     dense: dict[str, torch.Tensor] = {}
@@ -73,7 +73,7 @@ def decompress_to_dense(folder: str | Path, out: str | Path) -> Path:
         else:
             dense[key] = value.float() if value.is_floating_point() else value
     for module, parts in sorted(packed.items()):
-        hits = [] if _ignored(module, ignore, True) else _groups_matching(module, groups, True)
+        hits = [] if is_ignored(module, ignore, True) else groups_matching(module, groups, True)
         if not hits:
             raise MoeCompressError(f"{folder}: {module} holds packed weights but no config group targets it; the checkpoint is corrupt")
         scheme = groups[hits[0]]

@@ -167,7 +167,7 @@ class _Tensors:
     weight_shapes: dict[str, tuple[int, int]]  # module -> (N, K) from its weight_shape tensor
 
 
-def _read_json(path: Path) -> dict:
+def read_json(path: Path) -> dict:
     try:
         data = json.loads(path.read_text())
     except FileNotFoundError:
@@ -179,10 +179,10 @@ def _read_json(path: Path) -> dict:
     return data
 
 
-def _shard_files(folder: Path) -> list[Path]:
+def shard_files(folder: Path) -> list[Path]:
     index = folder / "model.safetensors.index.json"
     if index.exists():
-        weight_map = _read_json(index).get("weight_map")
+        weight_map = read_json(index).get("weight_map")
         if not isinstance(weight_map, dict):
             raise MoeCompressError(f"{index} has no weight_map")
         return [folder / f for f in sorted(set(weight_map.values()))]
@@ -193,7 +193,7 @@ def _shard_files(folder: Path) -> list[Path]:
 
 def _read_tensors(folder: Path) -> _Tensors:
     shapes, dtypes, weight_shapes = {}, {}, {}
-    for file in _shard_files(folder):
+    for file in shard_files(folder):
         try:
             with safe_open(str(file), "pt") as f:
                 for key in f.keys():
@@ -221,11 +221,11 @@ def _matches(name: str, target: str, is_linear: bool) -> bool:
     return target == "Linear" and is_linear  # class-name target: every 2-D weight is a Linear here
 
 
-def _groups_matching(name: str, groups: dict, is_linear: bool) -> list[str]:
+def groups_matching(name: str, groups: dict, is_linear: bool) -> list[str]:
     return [g for g, scheme in groups.items() if any(_matches(name, t, is_linear) for t in scheme.targets)]
 
 
-def _ignored(name: str, ignore: list[str], is_linear: bool) -> bool:
+def is_ignored(name: str, ignore: list[str], is_linear: bool) -> bool:
     return any(_matches(name, t, is_linear) for t in ignore)
 
 
@@ -241,7 +241,7 @@ def require_compressed_tensors(folder: str | Path) -> None:
     folder = Path(folder)
     if not folder.is_dir():
         raise MoeCompressError(f"{folder} is not a folder; pass a checkpoint folder")
-    qc = _read_json(folder / "config.json").get("quantization_config")
+    qc = read_json(folder / "config.json").get("quantization_config")
     method = qc.get("quant_method") if isinstance(qc, dict) else None
     if method != "compressed-tensors":
         what = "has no quantization_config" if qc is None else f"is quantized with {method!r}"
@@ -278,7 +278,7 @@ def lint_checkpoint(folder: str | Path, target: str | list[str] | tuple[str, ...
     tables = _resolve_tables(vllm_version, transformers_version)
     if not folder.is_dir():
         raise MoeCompressError(f"{folder} is not a folder; pass a checkpoint folder")
-    config = _read_json(folder / "config.json")
+    config = read_json(folder / "config.json")
     tensors = _read_tensors(folder)
     report = LintReport(str(folder), targets=chosen, tables={t: tables[t] for t in chosen})
     qc_raw = config.get("quantization_config")
@@ -310,10 +310,10 @@ def lint_checkpoint(folder: str | Path, target: str | list[str] | tuple[str, ...
     for m in sorted(modules):
         if not is_linear(m):
             continue
-        hits = _groups_matching(m, groups, True)
+        hits = groups_matching(m, groups, True)
         if len(hits) > 1:
             report.add("CT105", m, f"targeted by {len(hits)} config groups ({', '.join(hits)}); targets must be disjoint")
-        scheme_of[m] = None if (not hits or _ignored(m, ignore, True)) else hits[0]
+        scheme_of[m] = None if (not hits or is_ignored(m, ignore, True)) else hits[0]
 
     experts = _expert_modules(modules)
     _check_moe_layers(report, tables, experts, modules, scheme_of, groups, ignore, tensors)
@@ -419,9 +419,9 @@ def _vllm_scheme_of(name: str, groups: dict, ignore: list[str]) -> str | None:
     """The group vLLM resolves for a module name: ignored -> None, else the first group with a matching
     target (``find_matched_target``: exact name or ``re:`` match; a ``Linear`` class target covers MoE
     layers too, ``_add_fused_moe_to_target_scheme_map``), else None (unquantized)."""
-    if _ignored(name, ignore, False):
+    if is_ignored(name, ignore, False):
         return None
-    hits = _groups_matching(name, groups, True)
+    hits = groups_matching(name, groups, True)
     return hits[0] if hits else None
 
 
@@ -502,7 +502,7 @@ def _check_routers(report: LintReport, experts, modules, ignore: list[str]) -> N
     for name in names:
         if "weight_packed" in modules[name]:
             report.add("CT104", name, "is stored quantized; routers and lm_head must stay dense")
-        elif not _ignored(name, ignore, True):
+        elif not is_ignored(name, ignore, True):
             report.add("CT104", name, "is not in quantization_config.ignore; vLLM and llm-compressor expect routers and lm_head there")
 
 
@@ -571,7 +571,7 @@ def expert_widths(folder: str | Path) -> dict[str, list[ExpertWidth]]:
     """experts path -> per-expert widths read back from a compressed-tensors checkpoint's config and
     tensors (an expert's width is its gate/up/down scheme's; mixed projections count the widest)."""
     folder = Path(folder)
-    config = _read_json(folder / "config.json")
+    config = read_json(folder / "config.json")
     from compressed_tensors.quantization import QuantizationConfig
 
     qc = QuantizationConfig.model_validate(config["quantization_config"])
@@ -584,8 +584,8 @@ def expert_widths(folder: str | Path) -> dict[str, list[ExpertWidth]]:
     for path, members in _expert_modules(modules).items():
         per_expert: dict[int, ExpertWidth] = {}
         for e, m in members:
-            hits = _groups_matching(m, qc.config_groups, True)
-            packed = "weight_packed" in modules[m] and hits and not _ignored(m, qc.ignore or [], True)
+            hits = groups_matching(m, qc.config_groups, True)
+            packed = "weight_packed" in modules[m] and hits and not is_ignored(m, qc.ignore or [], True)
             if packed:
                 args = qc.config_groups[hits[0]].weights
                 n, k = tensors.weight_shapes[m]

@@ -699,7 +699,8 @@ def share_packed_experts(packed: PackedExperts, groups: dict[tuple[int, str], li
 
     mine = {e: (slot_tensors(e), records[e].rel_error) for e in widths if owner[e] == ranks.rank}
     units = sorted(widths)  # share_results indexes units 0..n-1
-    shared = parallel.share_results({units.index(e): v for e, v in mine.items()}, [owner[e] for e in units], ranks)
+    unit_of = {e: u for u, e in enumerate(units)}
+    shared = parallel.share_results({unit_of[e]: v for e, v in mine.items()}, [owner[e] for e in units], ranks)
     for u, (tensors, rel_error) in shared.items():
         e = units[u]
         for name, value in slot_tensors(e).items():
