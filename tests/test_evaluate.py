@@ -19,13 +19,7 @@ sys.path.insert(0, str(Path(__file__).parent / "cli"))
 from tokenizer_util import save_tiny_tokenizer  # noqa: E402  (the CLI tests' tiny tokenizer)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matrices: intra-op threads only add synchronisation, which stalls badly on a loaded CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -12,12 +12,7 @@ from moecompress.evaluate import load_for_eval
 from moecompress.export.decompress import transformers_loads_exactly
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def test_per_layer_mixed_export_is_evaluated_as_vllm_computes_it(tmp_path):

@@ -50,13 +50,7 @@ RULE = re.compile(r"lint rule (CT|HF|VL)\d{3}|compressed-tensors")
 OUTCOMES: dict[str, list[str]] = {"loads exactly": [], "refused with reason": [], "fails": []}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matrices: intra-op threads only add synchronisation on a shared, loaded CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def group_size(family: str) -> int:

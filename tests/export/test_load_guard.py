@@ -36,12 +36,7 @@ PLAIN_LOAD = textwrap.dedent("""
 """)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _quantized(tmp_path, family: str, **cfg):

@@ -24,13 +24,7 @@ from moecompress.model.tiny import save_tiny_model
 from moecompress.passes.quantize import QuantizeConfig, QuantizePass
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matrices: intra-op threads only add synchronisation, which stalls badly on a loaded CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def keys_of(folder) -> set[str]:

@@ -27,13 +27,7 @@ from moecompress.passes.quantize import (
 from moecompress.modules.packed import PackedExperts, PackedLinear
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matrices: intra-op threads only add synchronisation, which stalls badly on a loaded CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def random_ids(n: int = 4, length: int = 32, seed: int = 0) -> torch.Tensor:

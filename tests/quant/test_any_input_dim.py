@@ -29,13 +29,7 @@ HIDDEN, INTER = 48, 40
 CFG = QuantizeConfig(bits=4, group_size=32, method="gptq", attention_bits=8)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matrices: intra-op threads only add synchronisation, which stalls badly on a loaded CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def odd_overrides(family: str) -> dict:

@@ -26,12 +26,7 @@ from moecompress.quant.gptq import _damped_inverse_cholesky, gptq_quantize
 from moecompress.quant.grid import QuantSpec, rtn
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _routed_store(e_count=6, k_top=2, h=40, batches=(37, 50), seed=0, starve=(4, 5)) -> _ExpertInputs:

@@ -30,13 +30,7 @@ FAMILIES = list(TINY_CONFIGS)
 CFG = QuantizeConfig(bits=4, group_size=32)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matrices: intra-op threads only add synchronisation, which stalls badly on a loaded CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def calibration_ids(n: int = 4, length: int = 32, seed: int = 0) -> torch.Tensor:
