@@ -9,14 +9,18 @@ activations of the calibration set.
 Per layer the driver:
   1. materialises the layer (``LayerwiseModel.load_layer``);
   2. lets every pass register hooks (``LayerPass.attach``), runs the layer on every batch (the
-     observation forward; its outputs are kept), removes the hooks;
+     observation forward; its outputs are kept, unless every pass has seen all it needs before some
+     module, ``observation_stop``: then the forward ends there), removes the hooks;
   3. lets every pass process the layer (``LayerPass.process``), e.g. quantize it; when one reports a
-     change the layer is re-run so the next layer sees the changed outputs;
+     change (or the observation stopped early) the layer is re-run so the next layer sees the changed
+     outputs, each batch's input released as its output is made;
   4. hands the finished layer to ``on_layer_done`` (e.g. a checkpoint writer), then releases it.
 """
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import logging
 import time
 from contextlib import contextmanager
@@ -101,10 +105,50 @@ class LayerContext:
     model: LayerwiseModel | None = None
     timer: PhaseTimer = field(default_factory=PhaseTimer)  # the run's timer (one per run_layerwise)
 
-    def run(self) -> list[torch.Tensor]:
-        """Run the layer on every batch; returns the outputs (the pass's hooks fire)."""
+    def run(self, stop_at: nn.Module | None = None, release_inputs: bool = False) -> list[torch.Tensor]:
+        """Run the layer on every batch; returns the outputs (the pass's hooks fire).
+
+        ``stop_at``: end each batch's forward where ``stop_at`` would start (its forward pre-hooks
+        registered before this call still fire) and return no outputs: an observation forward whose
+        passes have seen all they need there skips the rest of the layer (e.g. the experts' compute).
+        ``release_inputs``: drop each batch's input once its output exists (the final run of a layer:
+        the inputs are not needed after it), so inputs and outputs never both exist in full."""
         with torch.no_grad():
-            return [_layer_output(self.layer(h, **kw)) for h, kw in zip(self.inputs, self.kwargs)]
+            if stop_at is not None:
+                return self._run_until(stop_at)
+            outputs = []
+            for b, kw in enumerate(self.kwargs):
+                outputs.append(_layer_output(self.layer(self.inputs[b], **kw)))
+                if release_inputs:
+                    self.inputs[b] = None
+            return outputs
+
+    def _run_until(self, module: nn.Module) -> list[torch.Tensor]:
+        handle = module.register_forward_pre_hook(_stop_forward)  # after the passes' hooks: theirs fire first
+        try:
+            for h, kw in zip(self.inputs, self.kwargs):
+                try:
+                    self.layer(h, **kw)
+                except _StopForward:
+                    continue
+                raise RuntimeError(f"layer {self.index}: {type(module).__name__} never ran, so the observation could not stop there")
+        finally:
+            handle.remove()
+        return []
+
+
+def _stop_forward(_module, _args):
+    raise _StopForward
+
+
+def observation_stop(passes: list, ctx: LayerContext) -> nn.Module | None:
+    """Where the observation forward of ``ctx``'s layer may end: the module every pass names through
+    its optional ``observation_end(ctx)`` (the module before which the pass has recorded all it needs,
+    and whose observation outputs it does not use); None, a full forward, unless all passes name the same one."""
+    ends = [getattr(p, "observation_end", lambda _ctx: None)(ctx) for p in passes]
+    if not ends or any(end is None or end is not ends[0] for end in ends):
+        return None
+    return ends[0]
 
 
 def _layer_output(out) -> torch.Tensor:
@@ -112,13 +156,37 @@ def _layer_output(out) -> torch.Tensor:
 
 
 class LayerPass(Protocol):
-    """A pass over one layer: register hooks for the observation forward, then process."""
+    """A pass over one layer: register hooks for the observation forward, then process.
+
+    Optional: ``observation_end(ctx) -> nn.Module | None``, the module before which the pass has seen
+    all it needs (see :func:`observation_stop`); a pass that uses the observation's outputs in
+    ``process`` returns None or does not define it."""
 
     def attach(self, ctx: LayerContext) -> list:  # returns hook handles
         ...
 
     def process(self, ctx: LayerContext) -> bool:  # True when the layer's weights changed
         ...
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to trim
+        return None
+
+
+def return_freed_memory() -> None:
+    """Give the heap pages freed by the finished layer back to the OS (glibc ``malloc_trim``).
+
+    glibc keeps freed memory for reuse, and after the first large frees it serves allocations of up
+    to 32 MB from the heap instead of fresh mappings, so each layer's activations leave holes that
+    count as resident memory: measured on the testbed, 180 MB of a 696 MB process after the run was
+    freed heap. Trimming once per layer costs milliseconds."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 def batches_of(input_ids: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
@@ -184,23 +252,25 @@ def run_layerwise(
             layer = lm.load_layer(i)
         ctx = LayerContext(i, layer, lm.view.blocks.get(i), hidden, layer_kwargs[i], model=lm, timer=timer)
         handles = [h for p in passes for h in (p.attach(ctx) or [])]
+        stop = observation_stop(passes, ctx)
         try:
             with timer.phase("forward"):
-                ctx.outputs = ctx.run()
+                ctx.outputs = ctx.run(stop_at=stop)
         finally:
             for h in handles:
                 h.remove()
         changed = False
         for p in passes:
             changed = bool(p.process(ctx)) or changed
-        if changed:
+        if changed or stop is not None:  # the next layer's inputs: the outputs of the changed layer
             with timer.phase("forward"):
-                ctx.outputs = ctx.run()
+                ctx.outputs = ctx.run(release_inputs=True)
         if on_layer_done is not None:
             with timer.phase("write"):
                 on_layer_done(ctx)
         hidden = ctx.outputs
         lm.release_layer(i)
+        return_freed_memory()
         if progress is not None:
             progress(i + 1, lm.view.num_layers)
     logits = None

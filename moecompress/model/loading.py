@@ -288,7 +288,13 @@ class LayerwiseModel:
         return layer
 
     def release_layer(self, index: int) -> None:
+        """Free layer ``index``'s weights: its modules go back to meta. So do the modules the view still
+        references, since a pass may have swapped one out of the layer (the quantize pass replaces the
+        experts module): otherwise its weights stayed alive through the view, one layer more per layer."""
         self.layers[index].to("meta")
+        block = self.view.blocks.get(index)
+        for module in block.referenced_modules() if block is not None else []:
+            module.to("meta")
 
     def load_outer(self) -> None:
         """Materialise everything that is not a decoder layer: embeddings, final norm, head, rotary."""

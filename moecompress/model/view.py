@@ -319,6 +319,11 @@ class MoEBlockView:
     def num_experts(self) -> int:
         return self.experts.num_experts
 
+    def referenced_modules(self) -> list[nn.Module]:
+        """Every module this view holds a reference to (a pass may have swapped some out of the layer)."""
+        mods = [self.block, self.router.module, self.experts.module, self.shared, self.shared_gate]
+        return [m for m in mods if m is not None]
+
     @property
     def top_k(self) -> int:
         return self.router.top_k

@@ -56,6 +56,7 @@ from moecompress.model.view import ExpertsView, MoEBlockView
 from moecompress.passes.quantize import (
     QuantizeConfig,
     canonical_expert,
+    down_hessian,
     expert_chunks,
     expert_method,
     expert_tokens,
@@ -181,8 +182,7 @@ def quantize_expert_in_place(
         return
     q_gu = quantize_matrix(gate_up, calib.h_in, spec, "gptq", calib.damp, cfg.act_order)
     _write_canonical(experts, e, q_gu.dequantized(), down)
-    a = experts.intermediate(e, calib.x) if calib.x.shape[0] else calib.x.new_zeros(0, experts.intermediate_size)
-    h_down = _weighted_hessian(a, calib.c, experts.intermediate_size)
+    h_down = down_hessian(experts, e, calib.x, calib.c)
     q_down = quantize_matrix(down, h_down, spec, "gptq", calib.damp, cfg.act_order)
     experts.set(e, "down", q_down.dequantized())
 

@@ -72,12 +72,15 @@ def gather_routing(
     weights: Sequence[torch.Tensor],
     probs: Sequence[torch.Tensor],
     num_experts: int,
+    release_inputs: bool = False,
 ) -> LayerRouting:
     """Concatenate per-batch experts-module inputs into one :class:`LayerRouting`.
 
     xs[b] ``[T_b, H]``, indices[b] / weights[b] ``[T_b, k]``, probs[b] ``[T_b, E]``. The applied weight
     is a scatter-add of the top-k weights into ``[T, E]``: for a token routed once, ``0 + w == w``
-    exactly, the value the per-expert reference ``(w * hit).sum(-1)`` gives.
+    exactly, the value the per-expert reference ``(w * hit).sum(-1)`` gives. ``release_inputs``:
+    ``xs`` (a list) is emptied as its batches are copied, so the per-batch inputs and the
+    concatenation never both exist in full (T x H x 4 B each: 7.5 GB at 128 x 2048 tokens, H = 7168).
     """
     if not xs:
         raise MoeCompressError("no calibration batches reached the experts module")
@@ -86,7 +89,7 @@ def gather_routing(
             f"routing was recorded for {len(indices)}/{len(weights)}/{len(probs)} of {len(xs)} batches "
             "(indices/weights/router probabilities); the router and the experts must see every batch"
         )
-    x = torch.cat([t.reshape(-1, t.shape[-1]) for t in xs]).float()  # [T, H]
+    x = _concat_rows(xs, release_inputs)  # [T, H] float32
     idx = torch.cat([t.reshape(-1, t.shape[-1]) for t in indices]).long()  # [T, k]
     w = torch.cat([t.reshape(-1, t.shape[-1]) for t in weights]).float()  # [T, k]
     p = torch.cat([t.reshape(-1, t.shape[-1]) for t in probs]).float()  # [T, E]
@@ -97,6 +100,23 @@ def gather_routing(
     hits = torch.zeros(idx.shape[0], num_experts + 1, dtype=torch.int32, device=x.device)
     hits.scatter_add_(1, sentinel, torch.ones_like(sentinel, dtype=torch.int32))
     return LayerRouting(x, applied[:, :num_experts], hits[:, :num_experts] > 0, p)
+
+
+def _concat_rows(parts: Sequence[torch.Tensor], release: bool) -> torch.Tensor:
+    """``torch.cat`` of the parts' rows as float32; with ``release`` (a list) each part is dropped
+    from the list once copied."""
+    rows = [t.reshape(-1, t.shape[-1]) for t in parts]
+    if not release:
+        return torch.cat(rows).float()
+    del rows  # views would keep every part alive
+    total = sum(int(t.numel() // t.shape[-1]) for t in parts)
+    out = torch.empty(total, parts[0].shape[-1], dtype=torch.float32, device=parts[0].device)
+    start = 0
+    while parts:
+        part = parts.pop(0).reshape(-1, out.shape[-1])
+        out[start : start + part.shape[0]].copy_(part)
+        start += part.shape[0]
+    return out
 
 
 def expert_segments(

@@ -30,6 +30,9 @@ def make_empty_hessian(k: int, device: torch.device | str | None = None) -> torc
     return torch.zeros(k, k, dtype=torch.float32, device=device)
 
 
+TOKEN_BLOCK = 2048  # token rows per Hessian update (see accumulate_hessian)
+
+
 def accumulate_hessian(
     h: torch.Tensor, x: torch.Tensor, n_seen: int, weights: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, int]:
@@ -42,23 +45,56 @@ def accumulate_hessian(
     barely contributes to matter less. The overall scale of H does not change GPTQ's solution
     (damping is relative to mean(diag H)); the running mean only keeps values in float32 range.
     Returns ``(h, n_seen + T)``.
+
+    The update runs ``TOKEN_BLOCK`` rows at a time: the weighted copy ``sqrt(c) x`` of a block stays in
+    cache and is never materialised for all T rows (T x K x 4 B: 32 MB per expert on the testbed,
+    1 GB at 128 x 2048 tokens and K = 4096). On 2 CPU cores this was 1.35x faster than one GEMM over
+    all rows (T = 32768, K = 256); the sum is the same up to float32 rounding order.
+    """
+    x = x.reshape(-1, h.shape[-1])
+    return activation_hessian(h, None, x, n_seen, weights), n_seen + x.shape[0]
+
+
+def activation_hessian(
+    h: torch.Tensor,
+    fn,
+    x: torch.Tensor,
+    n_seen: int = 0,
+    weights: torch.Tensor | None = None,
+    keep_rows: int = 0,
+    kept: list | None = None,
+) -> torch.Tensor:
+    """:func:`accumulate_hessian` of ``fn(x)`` (``fn`` maps rows independently, e.g. an expert's
+    gate/up and activation feeding down_proj; None: x itself), ``TOKEN_BLOCK`` rows at a time so the
+    ``[T, K]`` activations never exist at once. ``keep_rows``: the first rows of ``fn(x)`` are
+    appended to ``kept`` (copies), for an error report that needs a sample of them.
     """
     k = h.shape[-1]
-    x = x.reshape(-1, k).to(device=h.device, dtype=torch.float32)
+    x = x.reshape(-1, k if fn is None else x.shape[-1])
     t = x.shape[0]
     if t == 0:
-        return h, n_seen
+        return h
+    c_sqrt = None
     if weights is not None:
         c = weights.reshape(-1).to(device=h.device, dtype=torch.float32)
         if c.shape[0] != t:
             raise MoeCompressError(f"got {c.shape[0]} token weights for {t} tokens; pass one weight per token")
         if not torch.isfinite(c).all() or (c < 0).any():
             raise MoeCompressError("token weights must be finite and non-negative (routing weights)")
-        x = x * c.sqrt().unsqueeze(1)  # c x x^T == (sqrt(c) x)(sqrt(c) x)^T
+        c_sqrt = c.sqrt().unsqueeze(1)  # c x x^T == (sqrt(c) x)(sqrt(c) x)^T
     total = n_seen + t
     h.mul_(n_seen / total)
-    h.addmm_(x.t(), x, alpha=2.0 / total)
-    return h, total
+    for start in range(0, t, TOKEN_BLOCK):
+        block = x[start : start + TOKEN_BLOCK]
+        if fn is not None:
+            block = fn(block)
+        block = block.reshape(-1, k).to(device=h.device, dtype=torch.float32)
+        if keep_rows > start and kept is not None:
+            kept.append(block[: keep_rows - start].clone())
+        if c_sqrt is not None:
+            block = block * c_sqrt[start : start + TOKEN_BLOCK]
+        h.addmm_(block.t(), block, alpha=2.0 / total)
+    return h
 
 
 def _damped_inverse_cholesky(h: torch.Tensor, damp: float) -> torch.Tensor:
@@ -208,6 +244,7 @@ def layer_output_error(w: torch.Tensor, w_hat: torch.Tensor, x: torch.Tensor) ->
 
 __all__ = [
     "accumulate_hessian",
+    "activation_hessian",
     "gptq_quantize",
     "layer_output_error",
     "make_empty_hessian",

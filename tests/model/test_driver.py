@@ -192,3 +192,76 @@ def test_batches_of_splits_without_dropping_rows():
     parts = batches_of(ids, 2)
     assert [p.shape[0] for p in parts] == [2, 2, 1]
     assert torch.equal(torch.cat(parts), ids)
+
+
+class _StopAtExperts:
+    """A pass that only needs what reaches the experts module: it names it as its observation end."""
+
+    def __init__(self):
+        self.experts_inputs = 0
+        self.after_experts = 0
+        self.outputs_at_process: list | None = None
+
+    def attach(self, ctx):
+        if ctx.block is None:
+            return []
+
+        def before(_m, args):
+            self.experts_inputs += args[0].shape[0]
+
+        def after(_m, _args, _out):
+            self.after_experts += 1
+
+        return [ctx.block.experts.module.register_forward_pre_hook(before), ctx.block.experts.module.register_forward_hook(after)]
+
+    def observation_end(self, ctx):
+        return ctx.block.experts.module if ctx.block is not None else None
+
+    def process(self, ctx) -> bool:
+        self.outputs_at_process = ctx.outputs
+        return False
+
+
+def test_an_observation_stops_where_every_pass_has_seen_enough_and_the_outputs_stay_exact(saved):
+    folder = saved("qwen3_moe")
+    ids = _ids(4)
+    with torch.no_grad():
+        ref = _reference(folder)(input_ids=ids).logits
+    stop = _StopAtExperts()
+    result = run_layerwise(LayerwiseModel(folder), ids, passes=[stop], batch_size=2, compute_logits=True)
+    assert stop.experts_inputs == ids.numel() * 3  # every layer's experts inputs were seen ...
+    assert stop.after_experts == 0  # ... and the experts never ran during the observation
+    assert stop.outputs_at_process == []  # the stopped observation made no outputs
+    # the layer is re-run for the next layer's inputs even though nothing changed
+    assert (torch.cat(result.logits) - ref).abs().max() < TOL
+
+
+def test_a_pass_without_an_observation_end_gets_the_full_forward(saved):
+    lm = LayerwiseModel(saved("qwen3_moe"))
+    stop, full = _StopAtExperts(), _Recorder(lm)
+    run_layerwise(lm, _ids(4), passes=[stop, full], batch_size=2)
+    assert stop.after_experts == 3 * 2  # 3 layers x 2 batches: the experts ran
+    assert stop.outputs_at_process is not None and len(stop.outputs_at_process) == 2
+
+
+def test_a_stop_module_that_never_runs_is_an_error_not_a_silent_skip(saved):
+    lm = LayerwiseModel(saved("qwen3_moe"))
+
+    class _StopAtAModuleOutsideTheLayer(_StopAtExperts):
+        def observation_end(self, ctx):
+            return torch.nn.Linear(1, 1)
+
+    with pytest.raises(RuntimeError, match="never ran"):
+        run_layerwise(lm, _ids(2), passes=[_StopAtAModuleOutsideTheLayer()], batch_size=2)
+
+
+def test_the_final_run_releases_each_input_once_its_output_exists(saved):
+    lm = LayerwiseModel(saved("qwen3_moe"))
+    lm.load_outer()
+    hidden, kwargs = capture_layer_inputs(lm, batches_of(_ids(4), 2))
+    ctx = LayerContext(0, lm.load_layer(0), lm.view.blocks.get(0), hidden, kwargs[0], model=lm)
+    kept = ctx.run()
+    assert all(h is not None for h in ctx.inputs)
+    released = ctx.run(release_inputs=True)
+    assert ctx.inputs == [None, None]
+    assert all(torch.equal(a, b) for a, b in zip(kept, released))

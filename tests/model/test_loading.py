@@ -94,6 +94,20 @@ def test_load_layer_materialises_only_that_layer_and_release_returns_it_to_meta(
     assert _devices(lm.layers[1]) == {"meta"}
 
 
+def test_release_layer_frees_a_module_a_pass_swapped_out_of_the_layer(saved):
+    """The quantize pass replaces the experts module; the view still references the old one, whose
+    weights must not outlive the layer (they did: one layer's experts more per finished layer)."""
+    folder, _original = saved("qwen2_moe")
+    lm = LayerwiseModel(folder)
+    layer = lm.load_layer(1)
+    block = lm.view.blocks[1]
+    old = block.experts.module
+    layer.set_submodule(block.experts_name, torch.nn.Identity())
+    lm.release_layer(1)
+    assert _devices(old) == {"meta"}
+    assert _devices(lm.layers[1]) == {"meta"}
+
+
 def test_load_outer_and_release_outer(saved):
     folder, original = saved("deepseek_v3")
     lm = LayerwiseModel(folder)

@@ -18,12 +18,15 @@ from moecompress.model.loading import LayerwiseModel
 from moecompress.model.tiny import build_tiny_model, save_tiny_model
 from moecompress.model.view import describe_model
 from moecompress.passes.quantize import (
+    ERROR_TOKENS,
+    LinearInputHessians,
     QuantizeConfig,
     QuantizePass,
     _ExpertInputs,
     expert_method,
     expert_tokens,
 )
+from moecompress.quant.gptq import accumulate_hessian, make_empty_hessian
 from moecompress.modules.packed import PackedExperts, PackedLinear
 
 
@@ -75,6 +78,35 @@ def test_expert_tokens_calibrate_all_weights_unrouted_tokens_by_router_probabili
     assert torch.allclose(c, torch.tensor([0.7, 0.6, 0.05, 0.1]))  # routed: applied weight; others: p[:, e]
     _, c_plain, _ = expert_tokens(_store(), 0, all_tokens=True, agq=False)
     assert torch.equal(c_plain, torch.ones(4))
+
+
+def test_linears_fed_the_same_tensor_share_one_hessian_built_as_the_batches_pass():
+    """q, k and v take the same normed hidden states: one Hessian for the three, equal to the Hessian
+    of all their inputs; o_proj gets its own. The inputs are not kept beyond the report's sample."""
+    g = torch.Generator().manual_seed(0)
+    acc = LinearInputHessians(torch.device("cpu"))
+    hooks = {name: acc.hook(name, 8) for name in ("q", "k", "v", "o")}
+    shared, own = [torch.randn(3, 700, 8, generator=g) for _ in range(2)], [torch.randn(3, 700, 8, generator=g) for _ in range(2)]
+    for x, y in zip(shared, own):
+        for name in ("q", "k", "v"):
+            hooks[name](None, (x,))
+        hooks["o"](None, (y,))
+    acc.check(2)
+    assert acc.by_name["q"] is acc.by_name["k"] is acc.by_name["v"] is not acc.by_name["o"]
+    for name, inputs in (("q", shared), ("o", own)):
+        expected, n = accumulate_hessian(make_empty_hessian(8), torch.cat([x.reshape(-1, 8) for x in inputs]), 0)
+        got = acc.by_name[name]
+        assert got.tokens == n == 4200 and got.batches == 2
+        assert torch.allclose(got.h, expected, rtol=1e-5, atol=1e-6)
+        assert torch.equal(got.sample_rows(), torch.cat([x.reshape(-1, 8) for x in inputs])[:ERROR_TOKENS])
+
+
+def test_a_linear_that_missed_a_batch_is_an_error_not_a_wrong_hessian():
+    acc = LinearInputHessians(torch.device("cpu"))
+    hook = acc.hook("q", 4)
+    hook(None, (torch.randn(5, 4),))
+    with pytest.raises(MoeCompressError, match="saw 1 of 2 calibration batches"):
+        acc.check(2)
 
 
 def test_expert_method_falls_back_below_the_token_threshold():

@@ -4,7 +4,14 @@ import pytest
 import torch
 
 from moecompress.errors import MoeCompressError
-from moecompress.quant.gptq import accumulate_hessian, gptq_quantize, layer_output_error, make_empty_hessian
+from moecompress.quant.gptq import (
+    TOKEN_BLOCK,
+    accumulate_hessian,
+    activation_hessian,
+    gptq_quantize,
+    layer_output_error,
+    make_empty_hessian,
+)
 from moecompress.quant.grid import QuantSpec, quantize_to_codes, rtn
 
 K, N, T = 128, 48, 768
@@ -60,6 +67,36 @@ def test_weighted_hessian_matches_agq_definition():
     # A zero-weight token contributes nothing but still counts toward N.
     h0, n0 = accumulate_hessian(make_empty_hessian(K), x[:1], 0, weights=torch.zeros(1))
     assert n0 == 1 and h0.eq(0).all()
+
+
+def test_a_batch_longer_than_a_token_block_is_folded_in_block_by_block_to_the_same_hessian():
+    t = 2 * TOKEN_BLOCK + 77  # two whole blocks and a partial one
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(t, K, generator=g)
+    c = torch.rand(t, generator=g)
+    h, seen = accumulate_hessian(make_empty_hessian(K), x, 0, weights=c)
+    expected = 2.0 / t * (x.double() * c.double()[:, None]).t() @ x.double()
+    assert seen == t
+    assert torch.allclose(h.double(), expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
+
+
+def test_activation_hessian_is_the_hessian_of_the_activations_and_keeps_the_first_rows():
+    t = TOKEN_BLOCK + 300
+    g = torch.Generator().manual_seed(5)
+    x, w = torch.randn(t, K, generator=g), torch.randn(2 * K, K, generator=g) / K**0.5
+    c = torch.rand(t, generator=g)
+
+    def act(rows):  # rows are mapped independently, as an expert's gate/up and activation are
+        return torch.nn.functional.silu(rows @ w.t())
+
+    kept: list[torch.Tensor] = []
+    h = activation_hessian(make_empty_hessian(2 * K), act, x, 0, c, keep_rows=TOKEN_BLOCK + 10, kept=kept)
+    a = act(x)
+    expected, _ = accumulate_hessian(make_empty_hessian(2 * K), a, 0, c)
+    assert torch.allclose(h, expected, rtol=1e-5, atol=1e-6 * expected.abs().max().item())
+    first = torch.cat(kept)
+    assert first.shape == (TOKEN_BLOCK + 10, 2 * K)
+    assert torch.allclose(first, a[: TOKEN_BLOCK + 10], atol=1e-6)
 
 
 def test_empty_batch_and_bad_weights():

@@ -97,6 +97,16 @@ def test_segments_equal_the_per_expert_tokens(all_tokens, agq):
     assert counts[4] == counts[5] == 0 and counts[0] > counts[3]  # skewed, two starved
 
 
+def test_gather_can_release_the_per_batch_inputs_as_it_copies_them():
+    store = _routed_store()
+    kept = _routing(store, 6)
+    xs = list(store.x)
+    released = gather_routing(xs, store.index, store.weights, store.probs, 6, release_inputs=True)
+    assert xs == []  # emptied: the batches and the concatenation never both exist in full
+    for a, b in zip((kept.x, kept.applied, kept.routed, kept.probs), (released.x, released.applied, released.routed, released.probs)):
+        assert torch.equal(a, b)
+
+
 def test_segments_of_a_subset_keep_the_listed_order():
     store = _routed_store()
     routing = _routing(store, 6)
