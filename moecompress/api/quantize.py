@@ -281,7 +281,12 @@ def write_quantized(model_folder: str | Path, target: Path, cfg: QuantizeConfig,
     def write_layer(ctx: LayerContext) -> None:
         writer.write_module(f"{lm.view.layers_name}.{ctx.index}", ctx.layer, f"layer-{ctx.index:05d}.safetensors")
 
-    run_layerwise(lm, input_ids, [qpass], batch_size=batch_size, on_layer_done=write_layer, progress=progress)
+    # Calibration activations are kept between layers as a bfloat16 model carries them itself (the
+    # layers compute in float32): half the memory of the largest buffers. float16 checkpoints keep
+    # float32 storage, since float32 intermediate values may leave float16's range.
+    storage = torch.bfloat16 if out_dtype == torch.bfloat16 else None
+    run_layerwise(lm, input_ids, [qpass], batch_size=batch_size, on_layer_done=write_layer, progress=progress,
+                  storage_dtype=storage)
     lm.load_outer()
     writer.write_tensors(outer_state(lm.model, lm.view.layers_name), "outer.safetensors")
     lm.release_outer()

@@ -428,7 +428,7 @@ class ProfilePass:
             h_in = expert_hessians(expert_segments(routing, chunk, self.cfg.calibrate_all_experts, self.cfg.agq), experts.hidden_size)
         try:
             for j, bits in enumerate(self.bit_choices):
-                res = solve_expert_chunk(experts, routing, chunk, self.cfg.spec(bits), solver, damps, self.cfg, h_in=h_in, report_activations=False)
+                res = solve_expert_chunk(experts, routing, chunk, self.cfg.spec(bits), solver, damps, self.cfg, h_in=h_in, report_errors=False)
                 deq_down = res.down.dequantized()
                 for k, e in enumerate(chunk):
                     experts.set(e, "down", deq_down[k])

@@ -49,7 +49,13 @@ from moecompress.quant.batched import (
     gather_routing,
     gptq_quantize_batched,
 )
-from moecompress.quant.gptq import accumulate_hessian, activation_hessian, gptq_quantize, make_empty_hessian
+from moecompress.quant.gptq import (
+    accumulate_hessian,
+    activation_hessian,
+    gptq_quantize,
+    make_empty_hessian,
+    relative_output_error,
+)
 from moecompress.quant.grid import QuantResult, QuantSpec, rtn
 from moecompress.quant.format import SUPPORTED_BITS, group_size_problem
 from moecompress.modules.packed import UNQUANTIZED, ExpertsSpec, PackedExperts, PackedLinear
@@ -59,7 +65,7 @@ log = logging.getLogger(__name__)
 
 METHODS = ("gptq", "rtn")
 FALLBACKS = ("rtn", "damped-gptq")
-ERROR_TOKENS = 4096  # tokens per expert the report's relative output error is measured on
+ERROR_TOKENS = 4096  # tokens per RTN expert the report's relative output error is measured on (GPTQ: all)
 
 
 def resolve_device(device: str | None) -> torch.device:
@@ -143,7 +149,7 @@ class ExpertRecord:
     bits: int
     tokens: int
     method: str
-    rel_error: float  # ||X W^T - X Q^T||_F / ||X W^T||_F over the Hessian tokens, gate_up and down averaged
+    rel_error: float  # ||X W^T - X Q^T||_F / ||X W^T||_F over the Hessian tokens (AGQ-weighted), gate_up and down averaged
 
 
 @dataclass
@@ -186,13 +192,14 @@ def _experts_args(args, kwargs):
     return values
 
 
-def record_expert_inputs(block: MoEBlockView) -> tuple[_ExpertInputs, list]:
-    """Hooks that record the experts module's inputs and the router probabilities."""
+def record_expert_inputs(block: MoEBlockView, dtype: torch.dtype = torch.float32) -> tuple[_ExpertInputs, list]:
+    """Hooks that record the experts module's inputs (kept in ``dtype``: the run's storage dtype)
+    and the router probabilities."""
     store = _ExpertInputs()
 
     def on_experts(_module, args, kwargs):
         x, idx, w = _experts_args(args, kwargs)
-        store.x.append(x.detach().float())
+        store.x.append(x.detach().to(dtype))
         store.index.append(idx.detach())
         store.weights.append(w.detach().float())
 
@@ -227,24 +234,15 @@ def expert_tokens(store: _ExpertInputs, e: int, all_tokens: bool, agq: bool) -> 
 @dataclass
 class _InputHessian:
     """One linear's GPTQ Hessian, folded in batch by batch as the observation forward passes (the
-    inputs themselves are not kept: four T x H float32 copies per layer for q/k/v/o otherwise), and
-    the first ``ERROR_TOKENS`` input rows for the report's output error."""
+    inputs themselves are not kept: four T x H float32 copies per layer for q/k/v/o otherwise)."""
 
     h: torch.Tensor
     tokens: int = 0
     batches: int = 0
-    sample: list[torch.Tensor] = field(default_factory=list)
 
     def add(self, x: torch.Tensor) -> None:
-        x = x.detach().reshape(-1, x.shape[-1])
-        kept = sum(t.shape[0] for t in self.sample)
-        if kept < ERROR_TOKENS:
-            self.sample.append(x[: ERROR_TOKENS - kept].float().to(self.h.device, copy=True))
-        _, self.tokens = accumulate_hessian(self.h, x, self.tokens)
+        _, self.tokens = accumulate_hessian(self.h, x.detach(), self.tokens)
         self.batches += 1
-
-    def sample_rows(self) -> torch.Tensor:
-        return torch.cat(self.sample) if self.sample else self.h.new_zeros(0, self.h.shape[-1])
 
 
 class LinearInputHessians:
@@ -298,19 +296,16 @@ def _hessian(x: torch.Tensor, weights: torch.Tensor, k: int) -> torch.Tensor:
     return h
 
 
-def down_hessian(
-    experts: ExpertsView, e: int, x: torch.Tensor, c: torch.Tensor, out: torch.Tensor | None = None,
-    keep_rows: int = 0, kept: list | None = None,
-) -> torch.Tensor:
+def down_hessian(experts: ExpertsView, e: int, x: torch.Tensor, c: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """Expert e's down_proj Hessian ``[I, I]``: over its tokens x ``[T_e, H]`` weighted by c ``[T_e]``,
     of the activations its gate/up (as the module holds them now) feed down_proj. Computed token block
     by token block (quant.gptq.activation_hessian): the ``[T_e, 2I]`` and ``[T_e, I]`` activations of
     all tokens never exist at once (96 MB per expert on the testbed with calibrate-all; 1.5 GB at
     128 x 2048 tokens and I = 1536), and on 2 CPU cores it ran 1.6x faster than one pass over all
-    rows. ``keep_rows`` / ``kept``: the first activations are kept for the error report."""
+    rows. ``out``: a ``[I, I]`` zero tensor to fill (e.g. a slice of a stack)."""
     h = out if out is not None else make_empty_hessian(experts.intermediate_size, device=x.device)
     if x.shape[0]:
-        activation_hessian(h, lambda rows: experts.intermediate(e, rows), x, 0, c, keep_rows, kept)
+        activation_hessian(h, lambda rows: experts.intermediate(e, rows), x, 0, c)
     return h
 
 
@@ -319,13 +314,6 @@ def quantize_matrix(w: torch.Tensor, h: torch.Tensor, spec: QuantSpec, method: s
         return rtn(w.float(), spec)
     result, _loss = gptq_quantize(w.float(), h, spec, damp=damp, act_order=act_order)
     return result
-
-
-def _relative_output_error(w: torch.Tensor, w_hat: torch.Tensor, x: torch.Tensor) -> float:
-    if x.shape[0] == 0:
-        return float((w - w_hat).norm() / w.norm().clamp_min(1e-12))
-    ref = x @ w.float().t()
-    return float((ref - x @ w_hat.float().t()).norm() / ref.norm().clamp_min(1e-12))
 
 
 def expert_method(cfg: QuantizeConfig, routed: int, total_tokens: int) -> tuple[str, float]:
@@ -406,11 +394,9 @@ class ChunkResult:
 
     gate_up: QuantResult  # codes [E_c, 2I (or I), H]
     down: QuantResult  # codes [E_c, H, I]
-    gate_up_original: torch.Tensor  # [E_c, 2I, H] float32, the weights before quantization
-    gate_up_dequantized: torch.Tensor  # [E_c, 2I, H] float32 (also written into the module)
-    down_original: torch.Tensor  # [E_c, H, I] float32
-    segments: list[tuple[torch.Tensor, torch.Tensor]]  # per expert (x [T_e, H], affinity c [T_e])
-    activations: list[torch.Tensor]  # per expert, down's inputs on the first ERROR_TOKENS tokens [<=4096, I]
+    # Per expert, the report's relative output error (gate_up and down averaged; expert_errors);
+    # empty when not asked for.
+    errors: list[float] = field(default_factory=list)
 
 
 def expert_chunks(experts: ExpertsView, members: list[int], budget_mb: int) -> list[list[int]]:
@@ -435,18 +421,18 @@ def solve_expert_chunk(
     cfg: QuantizeConfig,
     phase=None,
     h_in: torch.Tensor | None = None,
-    report_activations: bool = True,
+    report_errors: bool = True,
 ) -> ChunkResult:
     """Quantize the experts of ``chunk`` (one width, one solver: ``gptq`` or ``rtn``) as one batch.
 
     The order of the per-expert reference (:func:`quantize_expert_reference`): batched Hessians of the
     experts' tokens, batched GPTQ of gate/up, the dequantized gate/up written into the module, then each
-    expert's activations through the family's own activation (down's Hessian is built on the QUANTIZED
-    gate/up's outputs, as MoEQuant orders it), batched GPTQ of down. The module keeps the quantized
+    expert's down Hessian from the activations of the QUANTIZED gate/up (as MoEQuant orders it; token
+    block by token block, ``down_hessian``), batched GPTQ of down. The module keeps the quantized
     gate/up; down is left as it was. ``phase(name)``: a context manager timing ``hessian`` and ``solve``.
     ``h_in``: the chunk's input Hessians when the caller already has them (the profiling sweep solves
-    the same chunk at several widths). ``report_activations``: also return down's inputs on the first
-    tokens (the pass's error report); without it RTN chunks skip that forward.
+    the same chunk at several widths). ``report_errors``: also measure each expert's output error for
+    the report (:func:`expert_errors`).
     """
     phase = phase or (lambda _name: _no_phase())
     gate_up = torch.stack([canonical_expert(experts, e)[0] for e in chunk]).float()  # [E_c, 2I, H]
@@ -459,34 +445,55 @@ def solve_expert_chunk(
     if solver == "rtn":
         with phase("solve"):
             q_gu = rtn(gate_up, spec)  # grid.rtn takes stacks: same values as expert by expert
-    else:
-        if h_in is None:
-            with phase("hessian"):
-                h_in = expert_hessians(segments, experts.hidden_size)
-        with phase("solve"):
-            q_gu, _ = gptq_quantize_batched(gate_up, h_in, spec, damps, act_order=cfg.act_order)
-        del h_in
-    deq_gu = q_gu.dequantized()
-    for j, e in enumerate(chunk):
-        _write_gate_up(experts, e, deq_gu[j])
-    activations = []
-    if solver == "rtn":
-        with phase("solve"):
             q_down = rtn(down, spec)
-        for e, (x, _) in zip(chunk, segments if report_activations else []):  # the report's error: first tokens suffice
-            activations.append(experts.intermediate(e, x[:ERROR_TOKENS]) if x.shape[0] else x.new_zeros(0, experts.intermediate_size))
-        return ChunkResult(q_gu, q_down, gate_up, deq_gu, down, segments, activations)
+        _write_chunk_gate_up(experts, chunk, q_gu)
+        errors = expert_errors(experts, chunk, gate_up, q_gu, down, q_down, segments) if report_errors else []
+        return ChunkResult(q_gu, q_down, errors)
+    if h_in is None:
+        with phase("hessian"):
+            h_in = expert_hessians(segments, experts.hidden_size)
+    with phase("solve"):
+        q_gu, _ = gptq_quantize_batched(gate_up, h_in, spec, damps, act_order=cfg.act_order)
+    _write_chunk_gate_up(experts, chunk, q_gu)
     with phase("hessian"):
         h_down = torch.zeros(len(chunk), experts.intermediate_size, experts.intermediate_size, device=gate_up.device)
         for j, e in enumerate(chunk):
-            x, c = segments[j]
-            kept: list[torch.Tensor] = []
-            down_hessian(experts, e, x, c, h_down[j], ERROR_TOKENS if report_activations else 0, kept)
-            if report_activations:
-                activations.append(torch.cat(kept) if kept else x.new_zeros(0, experts.intermediate_size))
+            down_hessian(experts, e, *segments[j], out=h_down[j])
     with phase("solve"):
         q_down, _ = gptq_quantize_batched(down, h_down, spec, damps, act_order=cfg.act_order)
-    return ChunkResult(q_gu, q_down, gate_up, deq_gu, down, segments, activations)
+    errors = expert_errors(experts, chunk, gate_up, q_gu, down, q_down, segments, (h_in, h_down)) if report_errors else []
+    return ChunkResult(q_gu, q_down, errors)
+
+
+def _write_chunk_gate_up(experts: ExpertsView, chunk: list[int], q_gu: QuantResult) -> None:
+    deq_gu = q_gu.dequantized()
+    for j, e in enumerate(chunk):
+        _write_gate_up(experts, e, deq_gu[j])
+
+
+def expert_errors(
+    experts: ExpertsView, chunk: list[int], gate_up: torch.Tensor, q_gu: QuantResult, down: torch.Tensor,
+    q_down: QuantResult, segments: list[tuple[torch.Tensor, torch.Tensor]],
+    hessians: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> list[float]:
+    """The report's error of each expert of ``chunk``: the relative output error of gate_up and of
+    down (on the quantized gate/up's activations), averaged, over the expert's calibration tokens
+    weighted as its Hessians weight them (AGQ affinities), from the Hessians
+    (``quant.gptq.relative_output_error``: every token, no stored activations). ``hessians``: the
+    chunk's (gate/up, down) Hessians when GPTQ built them; RTN chunks build small ones from the first
+    ``ERROR_TOKENS`` tokens of each expert, one expert at a time. Experts without tokens get the
+    weight-space error."""
+    deq_gu, deq_down = q_gu.dequantized(), q_down.dequantized()
+    errors = []
+    for j, e in enumerate(chunk):
+        if hessians is not None:
+            h_gu, h_down = hessians[0][j], hessians[1][j]
+        else:
+            x, c = (t[:ERROR_TOKENS] for t in segments[j])
+            h_gu = _hessian(x, c, experts.hidden_size).to(gate_up.device)
+            h_down = down_hessian(experts, e, x, c).to(gate_up.device)
+        errors.append(0.5 * (relative_output_error(gate_up[j], deq_gu[j], h_gu) + relative_output_error(down[j], deq_down[j], h_down)))
+    return errors
 
 
 # --------------------------------------------------------------------------------------------------
@@ -558,7 +565,7 @@ class QuantizePass:
         if self.device.type == "cuda":
             ctx.timer.sync = torch.cuda.synchronize
         if ctx.block is not None:
-            self._experts_store, h = record_expert_inputs(ctx.block)
+            self._experts_store, h = record_expert_inputs(ctx.block, ctx.storage_dtype or torch.float32)
             handles += h
         self._linear_inputs = LinearInputHessians(self.device)
         if self.cfg.method == "gptq":
@@ -602,7 +609,6 @@ class QuantizePass:
         acc = self._linear_inputs.by_name.get(name)
         method = "gptq" if (self.cfg.method == "gptq" and acc is not None and acc.tokens) else "rtn"
         h = acc.h if method == "gptq" else None
-        x = acc.sample_rows() if acc is not None else torch.zeros(0, module.in_features, device=self.device)
         with self._phase("solve"):
             result = quantize_matrix(w, h, spec, method, self.cfg.damp, self.cfg.act_order)
         with self._phase("pack"):
@@ -620,7 +626,7 @@ class QuantizePass:
             "bias": bias is not None,
         }
         self.report.linears.append(
-            {"layer": ctx.index, "module": name, "bits": bits, "method": method, "rel_error": _relative_output_error(w, result.dequantized(), x)}
+            {"layer": ctx.index, "module": name, "bits": bits, "method": method, "rel_error": relative_output_error(w, result.dequantized(), acc.h if acc is not None else torch.zeros(module.in_features, module.in_features))}
         )
 
     @torch.no_grad()
@@ -711,14 +717,9 @@ class QuantizePass:
         their relative output errors (gate_up and down averaged)."""
         res = solve_expert_chunk(experts, routing, chunk, self.cfg.spec(bits), solver, damps, self.cfg, self._phase)
         with self._phase("pack"):
-            deq_down = res.down.dequantized()
             for j, e in enumerate(chunk):
                 self._store_packed(packed, bits, slot_of[e], _expert_result(res.gate_up, j), _expert_result(res.down, j))
-        return [
-            0.5 * (_relative_output_error(res.gate_up_original[j], res.gate_up_dequantized[j], res.segments[j][0][:ERROR_TOKENS])
-                   + _relative_output_error(res.down_original[j], deq_down[j], res.activations[j]))
-            for j in range(len(chunk))
-        ]
+        return res.errors
 
     def _phase(self, name: str):
         timer = self.report.timer

@@ -43,7 +43,8 @@ HESSIAN_METHODS = ("segment", "padded")
 class LayerRouting:
     """A layer's calibration tokens and routing, concatenated over batches (batch order kept).
 
-    x ``[T, H]`` float32; applied ``[T, E]`` the routing weight the model applies to (t, e), 0 when e
+    x ``[T, H]`` the experts' inputs as recorded (float32, or the 16-bit storage dtype of the run: the
+    Hessians convert token blocks to float32); applied ``[T, E]`` the routing weight the model applies to (t, e), 0 when e
     is not in t's top-k (a token routed to e twice gets the sum, as the experts module adds it
     twice); routed ``[T, E]`` bool; probs ``[T, E]`` router probabilities (affinity of the tokens an
     expert was not routed, used with calibrate-all-experts).
@@ -89,7 +90,7 @@ def gather_routing(
             f"routing was recorded for {len(indices)}/{len(weights)}/{len(probs)} of {len(xs)} batches "
             "(indices/weights/router probabilities); the router and the experts must see every batch"
         )
-    x = _concat_rows(xs, release_inputs)  # [T, H] float32
+    x = _concat_rows(xs, release_inputs)  # [T, H]
     idx = torch.cat([t.reshape(-1, t.shape[-1]) for t in indices]).long()  # [T, k]
     w = torch.cat([t.reshape(-1, t.shape[-1]) for t in weights]).float()  # [T, k]
     p = torch.cat([t.reshape(-1, t.shape[-1]) for t in probs]).float()  # [T, E]
@@ -103,14 +104,14 @@ def gather_routing(
 
 
 def _concat_rows(parts: Sequence[torch.Tensor], release: bool) -> torch.Tensor:
-    """``torch.cat`` of the parts' rows as float32; with ``release`` (a list) each part is dropped
-    from the list once copied."""
+    """``torch.cat`` of the parts' rows, in their (floating) dtype; with ``release`` (a list) each part
+    is dropped from the list once copied."""
     rows = [t.reshape(-1, t.shape[-1]) for t in parts]
     if not release:
-        return torch.cat(rows).float()
+        return torch.cat(rows)
     del rows  # views would keep every part alive
     total = sum(int(t.numel() // t.shape[-1]) for t in parts)
-    out = torch.empty(total, parts[0].shape[-1], dtype=torch.float32, device=parts[0].device)
+    out = torch.empty(total, parts[0].shape[-1], dtype=parts[0].dtype, device=parts[0].device)
     start = 0
     while parts:
         part = parts.pop(0).reshape(-1, out.shape[-1])

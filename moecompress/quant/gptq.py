@@ -56,19 +56,11 @@ def accumulate_hessian(
 
 
 def activation_hessian(
-    h: torch.Tensor,
-    fn,
-    x: torch.Tensor,
-    n_seen: int = 0,
-    weights: torch.Tensor | None = None,
-    keep_rows: int = 0,
-    kept: list | None = None,
+    h: torch.Tensor, fn, x: torch.Tensor, n_seen: int = 0, weights: torch.Tensor | None = None
 ) -> torch.Tensor:
     """:func:`accumulate_hessian` of ``fn(x)`` (``fn`` maps rows independently, e.g. an expert's
     gate/up and activation feeding down_proj; None: x itself), ``TOKEN_BLOCK`` rows at a time so the
-    ``[T, K]`` activations never exist at once. ``keep_rows``: the first rows of ``fn(x)`` are
-    appended to ``kept`` (copies), for an error report that needs a sample of them.
-    """
+    ``[T, K]`` activations never exist at once. Returns ``h``, updated in place."""
     k = h.shape[-1]
     x = x.reshape(-1, k if fn is None else x.shape[-1])
     t = x.shape[0]
@@ -85,12 +77,10 @@ def activation_hessian(
     total = n_seen + t
     h.mul_(n_seen / total)
     for start in range(0, t, TOKEN_BLOCK):
-        block = x[start : start + TOKEN_BLOCK]
+        block = x[start : start + TOKEN_BLOCK].to(device=h.device, dtype=torch.float32)  # stored inputs may be 16-bit
         if fn is not None:
             block = fn(block)
         block = block.reshape(-1, k).to(device=h.device, dtype=torch.float32)
-        if keep_rows > start and kept is not None:
-            kept.append(block[: keep_rows - start].clone())
         if c_sqrt is not None:
             block = block * c_sqrt[start : start + TOKEN_BLOCK]
         h.addmm_(block.t(), block, alpha=2.0 / total)
@@ -242,10 +232,25 @@ def layer_output_error(w: torch.Tensor, w_hat: torch.Tensor, x: torch.Tensor) ->
     return float((x @ diff).pow(2).sum() / max(x.shape[0], 1))
 
 
+def relative_output_error(w: torch.Tensor, w_hat: torch.Tensor, h: torch.Tensor) -> float:
+    """``||X (W - W_hat)^T||_F / ||X W^T||_F`` over the (weighted) tokens the Hessian was built from,
+    computed from H alone: with ``H = (2 / T) sum_t c_t x_t x_t^T``, ``||sqrt(c) X A^T||_F^2 =
+    (T / 2) tr(A H A^T)`` and the factor cancels. So the error covers every calibration token, weighted
+    as GPTQ weighted it, and needs no stored activations. w, w_hat ``[N, K]``, h ``[K, K]``. When H
+    saw no tokens (``tr(W H W^T) == 0``) it is the weight-space ``||W - W_hat||_F / ||W||_F``."""
+    w = w.to(device=h.device, dtype=torch.float32)
+    d = w - w_hat.to(device=h.device, dtype=torch.float32)
+    den = float(((w @ h) * w).sum())
+    if den > 0:
+        return max(float(((d @ h) * d).sum()), 0.0) ** 0.5 / den**0.5
+    return float(d.norm() / w.norm().clamp_min(1e-12))
+
+
 __all__ = [
     "accumulate_hessian",
     "activation_hessian",
     "gptq_quantize",
     "layer_output_error",
     "make_empty_hessian",
+    "relative_output_error",
 ]

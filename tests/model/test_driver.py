@@ -265,3 +265,29 @@ def test_the_final_run_releases_each_input_once_its_output_exists(saved):
     released = ctx.run(release_inputs=True)
     assert ctx.inputs == [None, None]
     assert all(torch.equal(a, b) for a, b in zip(kept, released))
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss"])
+def test_activations_can_be_kept_in_bfloat16_between_float32_layers(saved, family):
+    """storage_dtype=bfloat16 halves the calibration activations; each layer still computes in float32,
+    so the result is the float32 run up to one bfloat16 rounding of the hidden states per layer."""
+    folder = saved(family)
+    ids = _ids(4)
+    with torch.no_grad():
+        ref = _reference(folder)(input_ids=ids).logits
+    seen: list[torch.dtype] = []
+
+    class _Dtypes:
+        def attach(self, ctx):
+            seen.extend(h.dtype for h in ctx.inputs)
+            return [ctx.layer.register_forward_pre_hook(lambda _m, args: seen.append(args[0].dtype))]
+
+        def process(self, ctx):
+            return False
+
+    result = run_layerwise(LayerwiseModel(folder), ids, passes=[_Dtypes()], batch_size=2, compute_logits=True,
+                           storage_dtype=torch.bfloat16)
+    assert all(h.dtype == torch.bfloat16 for h in result.hidden)
+    assert set(seen) == {torch.bfloat16, torch.float32}  # stored in bfloat16, computed in float32
+    err = (torch.cat(result.logits) - ref).abs().max()
+    assert 0 < err < 0.05 * ref.abs().max()

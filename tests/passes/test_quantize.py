@@ -18,7 +18,6 @@ from moecompress.model.loading import LayerwiseModel
 from moecompress.model.tiny import build_tiny_model, save_tiny_model
 from moecompress.model.view import describe_model
 from moecompress.passes.quantize import (
-    ERROR_TOKENS,
     LinearInputHessians,
     QuantizeConfig,
     QuantizePass,
@@ -82,7 +81,7 @@ def test_expert_tokens_calibrate_all_weights_unrouted_tokens_by_router_probabili
 
 def test_linears_fed_the_same_tensor_share_one_hessian_built_as_the_batches_pass():
     """q, k and v take the same normed hidden states: one Hessian for the three, equal to the Hessian
-    of all their inputs; o_proj gets its own. The inputs are not kept beyond the report's sample."""
+    of all their inputs; o_proj gets its own. The inputs themselves are not kept."""
     g = torch.Generator().manual_seed(0)
     acc = LinearInputHessians(torch.device("cpu"))
     hooks = {name: acc.hook(name, 8) for name in ("q", "k", "v", "o")}
@@ -98,7 +97,6 @@ def test_linears_fed_the_same_tensor_share_one_hessian_built_as_the_batches_pass
         got = acc.by_name[name]
         assert got.tokens == n == 4200 and got.batches == 2
         assert torch.allclose(got.h, expected, rtol=1e-5, atol=1e-6)
-        assert torch.equal(got.sample_rows(), torch.cat([x.reshape(-1, 8) for x in inputs])[:ERROR_TOKENS])
 
 
 def test_a_linear_that_missed_a_batch_is_an_error_not_a_wrong_hessian():

@@ -11,6 +11,7 @@ from moecompress.quant.gptq import (
     gptq_quantize,
     layer_output_error,
     make_empty_hessian,
+    relative_output_error,
 )
 from moecompress.quant.grid import QuantSpec, quantize_to_codes, rtn
 
@@ -80,7 +81,7 @@ def test_a_batch_longer_than_a_token_block_is_folded_in_block_by_block_to_the_sa
     assert torch.allclose(h.double(), expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
 
 
-def test_activation_hessian_is_the_hessian_of_the_activations_and_keeps_the_first_rows():
+def test_activation_hessian_is_the_hessian_of_the_activations():
     t = TOKEN_BLOCK + 300
     g = torch.Generator().manual_seed(5)
     x, w = torch.randn(t, K, generator=g), torch.randn(2 * K, K, generator=g) / K**0.5
@@ -89,14 +90,22 @@ def test_activation_hessian_is_the_hessian_of_the_activations_and_keeps_the_firs
     def act(rows):  # rows are mapped independently, as an expert's gate/up and activation are
         return torch.nn.functional.silu(rows @ w.t())
 
-    kept: list[torch.Tensor] = []
-    h = activation_hessian(make_empty_hessian(2 * K), act, x, 0, c, keep_rows=TOKEN_BLOCK + 10, kept=kept)
-    a = act(x)
-    expected, _ = accumulate_hessian(make_empty_hessian(2 * K), a, 0, c)
+    h = activation_hessian(make_empty_hessian(2 * K), act, x, 0, c)
+    expected, _ = accumulate_hessian(make_empty_hessian(2 * K), act(x), 0, c)
     assert torch.allclose(h, expected, rtol=1e-5, atol=1e-6 * expected.abs().max().item())
-    first = torch.cat(kept)
-    assert first.shape == (TOKEN_BLOCK + 10, 2 * K)
-    assert torch.allclose(first, a[: TOKEN_BLOCK + 10], atol=1e-6)
+
+
+def test_relative_output_error_from_the_hessian_equals_the_one_from_the_tokens():
+    g = torch.Generator().manual_seed(6)
+    x, c = torch.randn(300, K, generator=g), torch.rand(300, generator=g)
+    w = torch.randn(5, K, generator=g)
+    w_hat = w + 0.1 * torch.randn(5, K, generator=g)
+    h, _ = accumulate_hessian(make_empty_hessian(K), x, 0, weights=c)
+    xs = x.double() * c.double().sqrt()[:, None]
+    direct = (xs @ (w - w_hat).double().t()).norm() / (xs @ w.double().t()).norm()
+    assert relative_output_error(w, w_hat, h) == pytest.approx(float(direct), rel=1e-4)
+    # no tokens: the weight-space error
+    assert relative_output_error(w, w_hat, make_empty_hessian(K)) == pytest.approx(float((w - w_hat).norm() / w.norm()), rel=1e-6)
 
 
 def test_empty_batch_and_bad_weights():
