@@ -17,10 +17,15 @@ its default; ours `--calibrate-all-experts`, also the default, with AGQ affinity
 llm-compressor pins its own transformers, so it lives in its own venv (not a dependency of ours):
 
     python3 -m venv /work/llmc && /work/llmc/bin/pip install torch==2.13.0 && /work/llmc/bin/pip install llmcompressor==0.14.0.1
-    python benchmarks/speed.py [--llmc-python /work/llmc/bin/python] [--schemes w4,w3] [--work /tmp/mc_speed]
+    python benchmarks/speed.py [--llmc-python /work/llmc/bin/python] [--schemes w4,w3] [--work /tmp/mc_speed] [--repeat 3]
+    python benchmarks/speed.py --synthetic 16,2,1024,512,4 --nsamples 64 --schemes w4   # memory at scale
 
-Prints one JSON line per (tool, scheme) and one line of ratios per scheme (moecompress / llm-compressor:
-wall, CPU, peak RSS, ppl). Without the llm-compressor venv it runs moecompress alone and says so.
+Prints one JSON line per (tool, scheme, run) and one line of ratios per scheme (moecompress /
+llm-compressor: wall, CPU, peak RSS, ppl; medians over ``--repeat`` runs, the tools alternating, since
+wall time on a shared 2-core VM varies by 10-20% from run to run). Without the llm-compressor venv it
+runs moecompress alone and says so. ``--synthetic`` quantizes a random-weight model built to the given
+shape instead of the testbed (no perplexity): on the 44 MB testbed both processes are mostly imports,
+on a larger model the difference between loading one layer at a time and loading the whole model shows.
 """
 
 from __future__ import annotations
@@ -87,11 +92,11 @@ def run_child(cmd: list[str], env: dict, cwd: str = "/tmp") -> dict:
             "peak_rss_mib": round(usage.ru_maxrss / 1024, 1), "stdout": out}
 
 
-def calibration_ids(testbed: Path, path: Path) -> None:
-    """The exact token ids `moecompress quantize --calib mixed --nsamples 128 --seqlen 256` uses."""
+def calibration_ids(model: Path, path: Path, nsamples: int = NSAMPLES) -> None:
+    """The exact token ids `moecompress quantize --calib mixed --nsamples N --seqlen 256` uses."""
     from moecompress.api.calibration import calibration_for
 
-    calib, _ = calibration_for(testbed, "mixed", NSAMPLES, SEQLEN, SEED)
+    calib, _ = calibration_for(model, "mixed", nsamples, SEQLEN, SEED)
     path.write_text(json.dumps(calib.input_ids.tolist()))
 
 
@@ -105,9 +110,9 @@ def perplexity(folder: Path, testbed: Path, env: dict) -> dict:
     return result
 
 
-def moecompress_run(testbed: Path, out: Path, bits: int, env: dict) -> dict:
-    cmd = [sys.executable, "-m", "moecompress.cli.main", "quantize", str(testbed), str(out), "--bits", str(bits),
-           "--group-size", str(GROUP), "--quantize-attention", "--attention-bits", str(bits), "--calib", "mixed", "--nsamples", str(NSAMPLES),
+def moecompress_run(model: Path, out: Path, bits: int, env: dict, nsamples: int) -> dict:
+    cmd = [sys.executable, "-m", "moecompress.cli.main", "quantize", str(model), str(out), "--bits", str(bits),
+           "--group-size", str(GROUP), "--quantize-attention", "--attention-bits", str(bits), "--calib", "mixed", "--nsamples", str(nsamples),
            "--seqlen", str(SEQLEN), "--seed", str(SEED), "--json"]
     done = run_child(cmd, env)
     try:
@@ -117,12 +122,28 @@ def moecompress_run(testbed: Path, out: Path, bits: int, env: dict) -> dict:
     return {k: v for k, v in done.items() if k != "stdout"} | {"phases": summary.get("phase_seconds")}
 
 
-def llmc_run(llmc_python: Path, testbed: Path, ids: Path, out: Path, bits: int, env: dict, work: Path) -> dict:
+def llmc_run(llmc_python: Path, model: Path, ids: Path, out: Path, bits: int, env: dict, work: Path) -> dict:
     script = work / "llmc_quantize.py"
     script.write_text(LLMC_SCRIPT)
-    done = run_child([str(llmc_python), str(script), str(testbed), str(ids), str(out), str(bits), str(GROUP)], env)
+    done = run_child([str(llmc_python), str(script), str(model), str(ids), str(out), str(bits), str(GROUP)], env)
     phases = json.loads(done["stdout"].strip().splitlines()[-1])
     return {k: v for k, v in done.items() if k != "stdout"} | {"phases": phases}
+
+
+def synthetic(spec: str, testbed: Path, work: Path) -> Path:
+    """A random-weight qwen3_moe with the testbed's tokenizer: ``experts,top_k,hidden,intermediate,layers``
+    (benchmarks/scaling.py builds it). For memory at a size where the weights, not the imports, dominate."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from scaling import synthetic_model
+
+    experts, top_k, hidden, intermediate, layers = (int(v) for v in spec.split(","))
+    return synthetic_model(work / f"synthetic-{spec.replace(',', '-')}", testbed, experts, top_k, hidden, intermediate, layers)
+
+
+def median(values: list[float]) -> float:
+    ordered = sorted(values)
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
 
 
 def main() -> None:
@@ -131,35 +152,47 @@ def main() -> None:
     ap.add_argument("--llmc-python", type=Path, default=Path("/work/llmc/bin/python"))
     ap.add_argument("--schemes", default="w4,w3")
     ap.add_argument("--work", type=Path, default=Path("/tmp/mc_speed"))
+    ap.add_argument("--repeat", type=int, default=1, help="runs per tool and scheme, alternating tools; medians compared")
+    ap.add_argument("--synthetic", default=None, help="experts,top_k,hidden,intermediate,layers: a random-weight model "
+                    "instead of the testbed (memory at scale; no perplexity)")
+    ap.add_argument("--nsamples", type=int, default=NSAMPLES)
     args = ap.parse_args()
     testbed = args.testbed.resolve()
     args.work.mkdir(parents=True, exist_ok=True)
+    model = synthetic(args.synthetic, testbed, args.work) if args.synthetic else testbed
     env = {**os.environ, "TRITON_INTERPRET": "0"}
     env.pop("OMP_NUM_THREADS", None)  # both tools use every core of the machine
     ids = args.work / "calib_ids.json"
-    calibration_ids(testbed, ids)
+    calibration_ids(model, ids, args.nsamples)
     have_llmc = args.llmc_python.exists()
     if not have_llmc:
         print(json.dumps({"skipped": "llm-compressor", "why": f"{args.llmc_python} not found; see this file's docstring"}))
-    base = {"tool": "bf16", **perplexity(testbed, testbed, env)}
-    print(json.dumps(base), flush=True)
+    if not args.synthetic:
+        print(json.dumps({"tool": "bf16", **perplexity(testbed, testbed, env)}), flush=True)
+    tools = ("moecompress", "llmcompressor") if have_llmc else ("moecompress",)
     for scheme in filter(None, args.schemes.split(",")):
         bits = SCHEMES[scheme]
-        rows = {}
-        for tool in ("moecompress", "llmcompressor") if have_llmc else ("moecompress",):
-            out = args.work / f"{tool}-{scheme}"
-            shutil.rmtree(out, ignore_errors=True)
-            if tool == "moecompress":
-                row = moecompress_run(testbed, out, bits, env)
-            else:
-                row = llmc_run(args.llmc_python, testbed, ids, out, bits, env, args.work)
-            row = {"tool": tool, "scheme": f"W{bits}A16 g{GROUP}", **row, **perplexity(out, testbed, env)}
-            rows[tool] = row
-            print(json.dumps(row), flush=True)
-        if len(rows) == 2:
-            ours, peer = rows["moecompress"], rows["llmcompressor"]
-            print(json.dumps({"ratio": f"moecompress / llmcompressor, {ours['scheme']}",
-                              **{k: round(ours[k] / peer[k], 3) for k in ("wall_s", "cpu_s", "peak_rss_mib", "mean")}}),
+        runs: dict[str, list[dict]] = {tool: [] for tool in tools}
+        for attempt in range(args.repeat):
+            for tool in tools:
+                out = args.work / f"{tool}-{scheme}"
+                shutil.rmtree(out, ignore_errors=True)
+                if tool == "moecompress":
+                    row = moecompress_run(model, out, bits, env, args.nsamples)
+                else:
+                    row = llmc_run(args.llmc_python, model, ids, out, bits, env, args.work)
+                row = {"tool": tool, "scheme": f"W{bits}A16 g{GROUP}", "model": model.name, "run": attempt + 1, **row}
+                if not args.synthetic and attempt == 0:  # same inputs, same bytes: one evaluation suffices
+                    row |= perplexity(out, testbed, env)
+                runs[tool].append(row)
+                print(json.dumps(row), flush=True)
+        if len(runs) == 2:
+            ours, peer = runs["moecompress"], runs["llmcompressor"]
+            keys = ("wall_s", "cpu_s", "peak_rss_mib") + (("mean",) if not args.synthetic else ())
+            summary = {k: (median([r[k] for r in ours if k in r]), median([r[k] for r in peer if k in r])) for k in keys}
+            print(json.dumps({"ratio": f"moecompress / llmcompressor, W{bits}A16 g{GROUP}, {model.name}, median of {args.repeat}",
+                              **{k: round(a / b, 3) for k, (a, b) in summary.items()},
+                              "medians": {k: {"moecompress": a, "llmcompressor": b} for k, (a, b) in summary.items()}}),
                   flush=True)
 
 

@@ -115,10 +115,16 @@ def moe_experts_dispatch(
     gate_up_bias: torch.Tensor | None = None,
     down_bias: torch.Tensor | None = None,
     act_params: dict | None = None,
+    dequantized: dict | None = None,
 ) -> torch.Tensor:
-    """Routed experts of one MoE layer ``[T, H] -> [T, H]`` on the selected backend (see moe_gemm)."""
-    impl = moe_experts_forward if get_backend(x) == "triton" else moe_experts_forward_reference
-    return impl(x, topk_ids, topk_weights, groups, num_experts, activation, gate_up_bias, down_bias, act_params)
+    """Routed experts of one MoE layer ``[T, H] -> [T, H]`` on the selected backend (see moe_gemm).
+    ``dequantized``: the torch reference's cache of dequantized experts (the Triton kernel dequantizes
+    inside the GEMM and ignores it)."""
+    if get_backend(x) == "triton":
+        return moe_experts_forward(x, topk_ids, topk_weights, groups, num_experts, activation, gate_up_bias, down_bias, act_params)
+    return moe_experts_forward_reference(
+        x, topk_ids, topk_weights, groups, num_experts, activation, gate_up_bias, down_bias, act_params, dequantized
+    )
 
 
 def packed_linear_forward(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:

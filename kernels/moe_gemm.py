@@ -235,9 +235,14 @@ def moe_experts_forward_reference(
     gate_up_bias: torch.Tensor | None = None,
     down_bias: torch.Tensor | None = None,
     act_params: dict | None = None,
+    dequantized: dict | None = None,
 ) -> torch.Tensor:
     """Pure-torch twin of :func:`moe_experts_forward`: a loop over experts that received tokens,
-    each dequantized with ``format.dequantize``, fp32 throughout. ``[T, H] -> [T, H]``."""
+    each dequantized with ``format.dequantize``, fp32 throughout. ``[T, H] -> [T, H]``.
+
+    ``dequantized``: a dict the caller owns, filled with each expert's dequantized weights on first use
+    and read on later calls, for a caller that runs the same weights on many batches (calibration:
+    one dequantization per expert instead of one per batch; the values are the same)."""
     dims = layer_dims(x, topk_ids, topk_weights, groups, num_experts, activation, gate_up_bias, down_bias, act_params)
     out = torch.zeros(x.shape[0], dims.hidden, dtype=torch.float32, device=x.device)  # [T, H]
     x32 = x.to(torch.float32)
@@ -247,16 +252,13 @@ def moe_experts_forward_reference(
             tokens, slots = torch.where(topk_ids == expert)  # [n_e] each
             if tokens.numel() == 0:
                 continue
-            gate_up = fmt.dequantize(
-                group.gate_up.qweight[local], group.gate_up.scales[local],
-                None if group.gate_up.zeros is None else group.gate_up.zeros[local], group.bits, group.group_size,
-                k=dims.hidden,
-            )  # [2I or I, H]
-            down = fmt.dequantize(
-                group.down.qweight[local], group.down.scales[local],
-                None if group.down.zeros is None else group.down.zeros[local], group.bits, group.down_group,
-                k=dims.intermediate,
-            )  # [H, I]
+            key = (group.bits, local)
+            if dequantized is not None and key in dequantized:
+                gate_up, down = dequantized[key]
+            else:
+                gate_up, down = _dequantize_expert(group, local, dims)
+                if dequantized is not None:
+                    dequantized[key] = (gate_up, down)
             projected = x32[tokens] @ gate_up.t()  # [n_e, 2I]
             if gate_up_bias is not None:
                 projected = projected + gate_up_bias[expert].to(torch.float32)
@@ -265,6 +267,21 @@ def moe_experts_forward_reference(
                 hidden = hidden + down_bias[expert].to(torch.float32)
             out.index_add_(0, tokens, hidden * topk_weights[tokens, slots].to(torch.float32)[:, None])
     return out.to(x.dtype)
+
+
+def _dequantize_expert(group: fmt.PackedExpertGroup, local: int, dims) -> tuple[torch.Tensor, torch.Tensor]:
+    """(gate_up ``[2I or I, H]``, down ``[H, I]``) of the group's ``local``-th expert, float32."""
+    gate_up = fmt.dequantize(
+        group.gate_up.qweight[local], group.gate_up.scales[local],
+        None if group.gate_up.zeros is None else group.gate_up.zeros[local], group.bits, group.group_size,
+        k=dims.hidden,
+    )
+    down = fmt.dequantize(
+        group.down.qweight[local], group.down.scales[local],
+        None if group.down.zeros is None else group.down.zeros[local], group.bits, group.down_group,
+        k=dims.intermediate,
+    )
+    return gate_up, down
 
 
 # ----------------------------------------------------------------------------------------------

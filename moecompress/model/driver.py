@@ -19,6 +19,7 @@ Per layer the driver:
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import logging
@@ -173,7 +174,8 @@ class LayerPass(Protocol):
 
     Optional: ``observation_end(ctx) -> nn.Module | None``, the module before which the pass has seen
     all it needs (see :func:`observation_stop`); a pass that uses the observation's outputs in
-    ``process`` returns None or does not define it."""
+    ``process`` returns None or does not define it. ``rerun_context(ctx)``: a context manager the
+    driver enters around the re-run of a changed layer."""
 
     def attach(self, ctx: LayerContext) -> list:  # returns hook handles
         ...
@@ -283,7 +285,10 @@ def run_layerwise(
         for p in passes:
             changed = bool(p.process(ctx)) or changed
         if changed or stop is not None:  # the next layer's inputs: the outputs of the changed layer
-            with timer.phase("forward"):
+            with timer.phase("forward"), contextlib.ExitStack() as stack:
+                for p in passes:  # optional: a pass may set the layer up for the re-run (e.g. caches)
+                    if hasattr(p, "rerun_context"):
+                        stack.enter_context(p.rerun_context(ctx))
                 ctx.outputs = ctx.run(release_inputs=True)
         if on_layer_done is not None:
             with timer.phase("write"):

@@ -15,7 +15,9 @@ Shape legend: T tokens, E experts, H hidden, I expert intermediate size, k top-k
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 from torch import nn
@@ -73,6 +75,7 @@ class PackedExperts(nn.Module):
         super().__init__()
         self.spec = spec
         self.compute_dtype = dtype
+        self._dequantized: dict | None = None  # see reuse_dequantized
         h, i, e = spec.hidden_size, spec.intermediate_size, spec.num_experts
         n_in = 2 * i if spec.has_gate else i  # rows of the fused input projection
         for bits in self.widths:
@@ -97,6 +100,18 @@ class PackedExperts(nn.Module):
     @property
     def widths(self) -> list[int]:
         return sorted(set(self.spec.bits))
+
+    @contextmanager
+    def reuse_dequantized(self) -> Iterator[None]:
+        """Inside, the torch reference path dequantizes each expert once and reuses it on every call
+        (the calibration re-run of a layer: 16 batches would dequantize every expert 16 times); the
+        outputs are the same. Costs one float32 copy of the experts, about what the layer held before
+        quantization; dropped on exit."""
+        self._dequantized = {}
+        try:
+            yield
+        finally:
+            self._dequantized = None
 
     def packed_groups(self) -> list[fmt.PackedExpertGroup]:
         """The quantized width classes as format.py groups (views of this module's buffers)."""
@@ -142,6 +157,7 @@ class PackedExperts(nn.Module):
                 gate_up_bias=getattr(self, "gate_up_bias", None),
                 down_bias=getattr(self, "down_bias", None),
                 act_params=dict(self.spec.act_params),
+                dequantized=self._dequantized,
             ).float()
         if UNQUANTIZED in self.spec.bits:
             out += self._dense_experts(x, top_k_index, top_k_weights)

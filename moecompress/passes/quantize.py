@@ -586,6 +586,11 @@ class QuantizePass:
             return None
         return ctx.block.experts.module
 
+    def rerun_context(self, ctx: LayerContext):
+        """The re-run of the quantized layer dequantizes each packed expert once, not once per batch."""
+        experts = ctx.layer.get_submodule(ctx.block.experts_name) if ctx.block is not None else None
+        return experts.reuse_dequantized() if isinstance(experts, PackedExperts) else _no_phase()
+
     # -- processing ----------------------------------------------------------------------------------
 
     def process(self, ctx: LayerContext) -> bool:

@@ -95,6 +95,20 @@ def test_tokens_routed_nowhere_in_a_class_get_zero_from_it():
         assert torch.equal(packed(x, index, torch.zeros(8, 2)), torch.zeros(8, packed.spec.hidden_size))
 
 
+def test_reusing_dequantized_experts_gives_the_same_bytes_and_is_dropped_on_exit():
+    router, _dense, packed = pack_experts_of("mixtral", [4, 3, 4, 3], False)
+    g = torch.Generator().manual_seed(2)
+    batches = [torch.randn(16, packed.spec.hidden_size, generator=g) for _ in range(3)]
+    with torch.no_grad():
+        routed = [router.route(x) for x in batches]
+        plain = [packed(x, idx, w) for x, (_, w, idx) in zip(batches, routed)]
+        with packed.reuse_dequantized():
+            cached = [packed(x, idx, w) for x, (_, w, idx) in zip(batches, routed)]
+            assert len(packed._dequantized) == 4  # each expert dequantized once, then reused
+        assert packed._dequantized is None  # the float32 copies do not outlive the re-run
+    assert all(torch.equal(a, b) for a, b in zip(plain, cached))
+
+
 @pytest.mark.parametrize("symmetric", [True, False])
 def test_packed_experts_buffers_follow_the_format(symmetric):
     spec = ExpertsSpec(num_experts=5, hidden_size=64, intermediate_size=32, bits=(4, 3, 4, UNQUANTIZED, 2), group_size=32,
