@@ -174,7 +174,7 @@ class QuantizeOptions:
     vllm_version: str | None = None  # --target vllm: the release its rules describe (None: the oldest supported)
     transformers_version: str | None = None  # --target hf: likewise
     device: str | None = None  # where the solver math runs: None = CUDA when available, else the CPU
-    solve_memory_mb: int = 4096  # solver state per batch of experts; larger layers are solved in chunks
+    solve_memory_mb: int | None = None  # solver state per batch of experts (None: the device's default); larger layers are solved in chunks
 
     def __post_init__(self) -> None:
         # A target decides the format (and, for vLLM's one scheme per MoE layer, the default granularity,

@@ -63,6 +63,7 @@ from moecompress.passes.quantize import (
     quantize_matrix,
     record_expert_inputs,
     solve_expert_chunk,
+    solve_memory_mb_for,
 )
 from moecompress.quant.batched import LayerRouting, expert_hessians, expert_segments, gather_routing
 from moecompress.quant.format import SUPPORTED_BITS
@@ -410,7 +411,7 @@ class ProfilePass:
             solver, damps[e] = self._solver(counts[e], total_tokens)
             groups.setdefault(solver, []).append(e)
         for solver, members in sorted(groups.items()):
-            for chunk in expert_chunks(experts, members, cfg.solve_memory_mb):
+            for chunk in expert_chunks(experts, members, solve_memory_mb_for(cfg, routing.x.device)):
                 self._profile_chunk(experts, routing, routed, chunk, solver, [damps[e] for e in chunk], errors, out_max)
         return LayerProfile(block.layer_index, total_tokens, freq, mass, errors, params, out_max, shared_max)
 
