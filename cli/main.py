@@ -121,6 +121,10 @@ _register_commands()
 def main() -> None:
     import signal
 
+    from moecompress.model.driver import limit_heap_arenas
+
+    limit_heap_arenas()  # before any compute thread allocates (see its docstring)
+
     # A terminated run must clean up like Ctrl-C does (staging folders removed, no partial OUT). The
     # handler does it itself and exits: an exception raised from a signal handler is lost when the
     # signal lands while Python runs a finalizer or weakref callback ("Exception ignored in ...").
