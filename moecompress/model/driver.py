@@ -31,6 +31,7 @@ from typing import Callable, Iterator, Protocol
 import torch
 from torch import nn
 
+from moecompress import parallel
 from moecompress.model.loading import LayerwiseModel
 from moecompress.model.view import MoEBlockView
 
@@ -153,6 +154,27 @@ class LayerContext:
 
 def _stop_forward(_module, _args):
     raise _StopForward
+
+
+def rerun_shared(ctx: LayerContext, ranks: parallel.Ranks) -> list[torch.Tensor]:
+    """The re-run of a changed layer (its outputs are the next layer's inputs), data-parallel across
+    torchrun ranks: rank r runs batches r, r + world, ..., and every rank receives every batch's
+    output bit for bit (``parallel.share_results``). A batch's output does not depend on which rank
+    computed it (the same code at the same thread count), so the bytes are those of one process; each
+    rank's forward shrinks to 1 / world of the re-run (the observation forward, whose hooks need every
+    batch in order, stays on every rank). One process: ``ctx.run``."""
+    if not ranks.distributed:
+        return ctx.run(release_inputs=True)
+    owner = [b % ranks.world for b in range(len(ctx.inputs))]
+    mine = {}
+    with torch.no_grad():
+        for b, kw in enumerate(ctx.kwargs):
+            if owner[b] == ranks.rank:
+                mine[b] = ({"out": ctx.stored(_layer_output(ctx.layer(ctx.computable(ctx.inputs[b]), **kw)))}, None)
+    for b in range(len(ctx.inputs)):
+        ctx.inputs[b] = None
+    shared = parallel.share_results(mine, owner, ranks)
+    return [shared[b][0]["out"] for b in range(len(owner))]
 
 
 def observation_stop(passes: list, ctx: LayerContext) -> nn.Module | None:
@@ -306,7 +328,7 @@ def run_layerwise(
                 for p in passes:  # optional: a pass may set the layer up for the re-run (e.g. caches)
                     if hasattr(p, "rerun_context"):
                         stack.enter_context(p.rerun_context(ctx))
-                ctx.outputs = ctx.run(release_inputs=True)
+                ctx.outputs = rerun_shared(ctx, parallel.current())
         if on_layer_done is not None:
             with timer.phase("write"):
                 on_layer_done(ctx)

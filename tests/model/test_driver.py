@@ -291,3 +291,53 @@ def test_activations_can_be_kept_in_bfloat16_between_float32_layers(saved, famil
     assert set(seen) == {torch.bfloat16, torch.float32}  # stored in bfloat16, computed in float32
     err = (torch.cat(result.logits) - ref).abs().max()
     assert 0 < err < 0.05 * ref.abs().max()
+
+
+class _Doubler(torch.nn.Module):
+    """A stand-in decoder layer that counts the batches it ran."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, hidden_states, **_kwargs):
+        self.calls += 1
+        return (hidden_states * 2 + 1,)
+
+
+def _rerun_worker(rank: int, world: int, port: int, queue) -> None:
+    import os
+
+    from moecompress.model.driver import rerun_shared
+    from moecompress.parallel import Ranks
+
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        inputs = [torch.randn(2, 3, 4, generator=torch.Generator().manual_seed(b)) for b in range(5)]
+        layer = _Doubler()
+        ctx = LayerContext(0, layer, None, list(inputs), [{}] * 5)
+        outputs = rerun_shared(ctx, Ranks(rank, world))
+        ok = all(torch.equal(o, h * 2 + 1) for o, h in zip(outputs, inputs)) and ctx.inputs == [None] * 5
+        queue.put((rank, layer.calls, bool(ok)))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_the_rerun_is_split_across_ranks_and_every_rank_gets_every_output():
+    import multiprocessing as mp
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    context = mp.get_context("spawn")
+    queue = context.Queue()
+    procs = [context.Process(target=_rerun_worker, args=(r, 2, port, queue)) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+    assert all(p.exitcode == 0 for p in procs)
+    assert sorted(queue.get(timeout=5) for _ in procs) == [(0, 3, True), (1, 2, True)]  # batches 0,2,4 / 1,3
