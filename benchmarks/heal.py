@@ -7,10 +7,12 @@
 Every command runs in its own single-threaded subprocess (OMP_NUM_THREADS=1): wall time, CPU time and peak
 RSS come from ``os.wait4`` of that process. Perplexity: ``moecompress eval`` on the testbed's held-out
 prose and code files (256-token chunks, first 40k tokens), geometric mean, as benchmarks/quality.py.
-Calibration for compression and healing: the built-in ``mixed`` set (never the held-out files). The
-learning rate is chosen with ``--select-lr`` on the held-back slice of the calibration sequences (the
-summed per-layer held-back block-output error the heal command reports), never on the held-out files;
-the chart evaluates held-out perplexity at a few step counts for display only.
+Calibration for compression and healing: the built-in ``mixed`` set (never the held-out files), or the
+teacher's own samples where a row says ``--calib sample``. Settings (learning rate, steps, trainables,
+schedule) are compared with ``--select-lr ... --select-case CASE [--extra ...]``, which runs the heal without
+evaluating held-out perplexity and reports the whole-model guard's KL on the held-back calibration
+sequences and on the teacher-sampled guard sequences; never on the held-out files. The chart evaluates
+held-out perplexity at a few step counts for display only.
 
 Prints one JSON line per measurement; results are cached in WORK/results.json (delete to start over);
 writes reports/heal.md and reports/heal_curve.png.
@@ -44,14 +46,21 @@ CASES = {
 }
 
 
+PATCHED_VIEW = "--patched-view-experiment"
+
+
 def run_cli(args: list[str], env: dict) -> dict:
-    """`moecompress ARGS` in a subprocess: its wall time, and CPU time and peak RSS from os.wait4 (that process only)."""
+    """`moecompress ARGS` in a subprocess: its wall time, and CPU time and peak RSS from os.wait4 (that process only).
+    ``args`` starting with PATCHED_VIEW: the same command under ``patched_view_cli`` (an experiment)."""
     import tempfile
 
     start = time.time()
+    if args and args[0] == PATCHED_VIEW:
+        command = [sys.executable, str(Path(__file__).resolve()), *args]
+    else:
+        command = [sys.executable, "-m", "moecompress.cli.main", *args]
     with tempfile.TemporaryFile() as err:
-        proc = subprocess.Popen([sys.executable, "-m", "moecompress.cli.main", *args], stdout=subprocess.PIPE, stderr=err,
-                                env=env, cwd="/tmp")
+        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=err, env=env, cwd="/tmp")
         out = proc.stdout.read()
         _pid, status, usage = os.wait4(proc.pid, 0)
         if os.waitstatus_to_exitcode(status) != 0:
@@ -89,8 +98,9 @@ def heal_args(student: Path, out: Path, testbed: Path, steps: int, lr: float, ex
             "--overwrite", "--json", *extra]
 
 
-def heal_row(student: Path, out: Path, testbed: Path, steps: int, lr: float, extra: list[str], env: dict, evaluate_it=True) -> dict:
-    m = run_cli(heal_args(student, out, testbed, steps, lr, extra), env)
+def heal_row(student: Path, out: Path, testbed: Path, steps: int, lr: float, extra: list[str], env: dict, evaluate_it=True,
+             prefix: list[str] = ()) -> dict:
+    m = run_cli([*prefix, *heal_args(student, out, testbed, steps, lr, extra)], env)
     summary = json.loads(m.pop("stdout").strip().splitlines()[-1])
     records = summary["records"]
     row = {**m, "train_tokens": summary["train_tokens"], "steps": steps, "lr": lr, "extra": extra,
@@ -98,7 +108,7 @@ def heal_row(student: Path, out: Path, testbed: Path, steps: int, lr: float, ext
            "heldout_calib_before": sum(r["heldout_before"] for r in records),
            "heldout_calib_after": sum(r["heldout_after"] for r in records),
            "kept": [r["kept"] for r in records], "records": records,
-           "command": "moecompress " + " ".join(heal_args(student, out, testbed, steps, lr, extra))}
+           "command": ("python benchmarks/heal.py " if prefix else "moecompress ") + " ".join([*prefix, *heal_args(student, out, testbed, steps, lr, extra)])}
     if evaluate_it:
         row.update(evaluate(out, testbed, env))
     return row
@@ -114,7 +124,29 @@ def top1_model(testbed: Path, folder: Path) -> Path:
     return folder
 
 
+def patched_view_cli(args: list[str]) -> None:
+    """EXPERIMENT, not a product path: `moecompress ARGS` with ``ExpertsView._rows`` reading ``param[e]``
+    instead of the detached ``param.data[e]``, and heal allowed to put LoRA adapters inside compressed-experts
+    blocks. It measures what training the experts of a compressed-experts student would add if
+    moecompress/model/view.py kept the autograd graph (heal refuses LoRA there as the code stands)."""
+    from moecompress.cli.main import main as cli
+    from moecompress.model import view
+    from moecompress.passes import heal
+
+    def rows_with_grad(self, param, e):
+        w = param[e]
+        return w.t() if self.is_transposed else w
+
+    view.ExpertsView._rows = rows_with_grad
+    heal._lora_target = lambda named, mname: True
+    sys.argv = ["moecompress", *args]
+    cli()
+
+
 def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == PATCHED_VIEW:
+        patched_view_cli(sys.argv[2:])
+        return
     ap = argparse.ArgumentParser()
     ap.add_argument("--testbed", type=Path, default=REPO.parent / "shared" / "testbed")
     ap.add_argument("--work", type=Path, default=Path("/tmp/mc_heal"))
@@ -127,6 +159,7 @@ def main() -> None:
     ap.add_argument("--chart-case", default="")
     ap.add_argument("--chart-steps", default="0,25,50,100,200")
     ap.add_argument("--report", type=Path, default=REPO / "reports" / "heal.md")
+    ap.add_argument("--patched-view", default="", help="an experiment row for ce-top1 under patched_view_cli, with these heal options")
     args = ap.parse_args()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TRITON_INTERPRET": "0"}
     args.work.mkdir(parents=True, exist_ok=True)
@@ -168,6 +201,11 @@ def main() -> None:
         cache.get(tag, lambda: heal_row(student(case), args.work / f"{case}-healed", testbed, args.steps, args.lr, extra, env))
         if case == "ce-top1":
             cache.get("top1", lambda: evaluate(top1_model(testbed, args.work / "top1"), testbed, env))
+    if args.patched_view:
+        extra = args.patched_view.split()
+        key = f"experiment/patched-view/ce-top1/lr={args.lr:g}/steps={args.steps}/{' '.join(extra)}"
+        cache.get(key, lambda: heal_row(student("ce-top1"), args.work / "experiment", testbed, args.steps, args.lr, extra, env,
+                                        prefix=[PATCHED_VIEW]))
     write_report(args, cache.rows)
     write_chart(args, cache.rows)
 
@@ -196,10 +234,14 @@ def write_chart(args, rows: dict) -> None:
 
 
 def _kl(h: dict) -> str:
-    """The whole model's held-back calibration KL: end-to-end's own loss (T = 1), blockwise's model check."""
+    """The whole-model guard: KL per token on the held-back calibration sequences and on the teacher-sampled
+    guard sequences (unhealed -> healed, as measured; the written model is the student when not kept)."""
     g = h.get("model_guard")
     if g:
-        return f"{g['kl_student']:.4f} -> {g['kl_healed']:.4f}" + ("" if g["kept"] else " (student kept)")
+        line = f"{g['kl_student']:.4f} -> {g['kl_healed']:.4f}"
+        if g.get("kl_student_sampled") == g.get("kl_student_sampled"):  # not nan
+            line += f"; sampled {g['kl_student_sampled']:.4f} -> {g['kl_healed_sampled']:.4f}"
+        return line + ("" if g["kept"] else " (student kept)")
     if len(h["records"]) == 1 and "layer" not in h["records"][0]:
         r = h["records"][0]
         return f"{r['heldout_before']:.4f} -> {r['heldout_after']:.4f}" + ("" if r["kept"] else " (student kept)")
@@ -217,12 +259,16 @@ def write_report(args, rows: dict) -> None:
         "",
         f"Generated by `python benchmarks/heal.py` (see its docstring). Held-out perplexity of `../shared/testbed`: "
         "256-token chunks, first 40k tokens of `heldout_prose.txt` and `heldout_code.txt`, geometric mean. "
-        f"Compression and healing calibrate on the built-in `mixed` set (128 x 256 tokens, seed 0), never the held-out files. "
-        f"Heal: blockwise (default), {args.steps} Adam steps per decoder layer, lr {args.lr:g}, 8 sequences per step, "
-        "default trainables (ces when present, routers, LoRA rank 8 merged into the experts, norms), 10% of the calibration "
-        "sequences held back. One thread per process; time / CPU / peak RSS of the heal process itself.",
+        "Compression and healing calibrate on the built-in `mixed` set (128 x 256 tokens, seed 0), never the held-out files, "
+        "unless a row says `--calib sample` (128 x 256 tokens sampled from the teacher). Heal: each row's label gives its lr, "
+        "steps and the options beyond the defaults (blockwise, steps per decoder layer; 8 sequences per step; "
+        "default trainables: ces when present, routers, LoRA rank 8 merged into the experts outside compressed-experts blocks, "
+        "norms; constant learning rate), 10% of the calibration sequences held back. Whole-model guard (both modes): KL(teacher || model) on the held-back calibration sequences and on "
+        "16 x 256 tokens sampled from the teacher (its own distribution; no held-out data); the healed model is written only if the "
+        "KL drops by more than 1 standard error of the paired per-sequence decrease on each (`--guard-z 1`), otherwise the student unchanged. "
+        "One thread per process; time / CPU / peak RSS of the heal process itself (sampling the guard text included).",
         "",
-        "| case | before: mean ppl | vs original | healed: prose | code | mean | vs original | parts kept | held-back calib. KL/token before -> after | heal time s | CPU s | peak RSS MiB | training tokens |",
+        "| case | before: mean ppl | vs original | healed: prose | code | mean | vs original | parts kept | guard: KL/token held-back calib.; teacher-sampled (unhealed -> healed) | heal time s | CPU s | peak RSS MiB | training tokens |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         f"| original | {base:.3f} | — | {rows['original']['prose']:.3f} | {rows['original']['code']:.3f} | {base:.3f} | — | | | | | | |",
     ]
@@ -240,21 +286,28 @@ def write_report(args, rows: dict) -> None:
         gap = math.log(top1) - math.log(top2)
         lines += ["", f"Compressed experts at top-1 compute: log-ppl gap top-1 ({top1:.3f}) -> top-2 ({top2:.3f}) = {gap:.4f}."]
         for k, r in rows.items():
-            if k == "ce-top1/before" or k.startswith("ce-top1/heal"):
+            if k == "ce-top1/before" or k.startswith(("ce-top1/heal", "experiment/patched-view/ce-top1")):
                 rec = (math.log(top1) - math.log(r["mean"])) / gap
                 cost = "" if k.endswith("before") else (f" (training: {r['train_tokens']:,} tokens, {r['seconds']} s wall, "
-                                                         f"{r['cpu_seconds']} s CPU, peak RSS {r['peak_rss_mib']} MiB)")
-                lines.append(f"- `{k}`: ppl {r['mean']:.3f}, recovers {100 * rec:.1f}% of the gap{cost}.")
+                                                         f"{r['cpu_seconds']} s CPU, peak RSS {r['peak_rss_mib']} MiB; guard {_kl(r)})")
+                label = " **EXPERIMENT with a patched ExpertsView (see `patched_view_cli`), not what heal ships**" \
+                    if k.startswith("experiment/") else ""
+                lines.append(f"- `{k}`{label}: ppl {r['mean']:.3f}, recovers {100 * rec:.1f}% of the gap{cost}.")
     sel = {k: r for k, r in rows.items() if k.startswith("select/")}
     if sel:
-        lines += ["", "## Learning-rate selection (held-back calibration sequences only)", "",
-                  "Criterion: the held-back loss of the whole healed model -- end-to-end: the T^2 KL per token; blockwise: the "
-                  "last layer's normalised output error, i.e. how far the healed student's final hidden states are from the "
-                  "teacher's (earlier layers' 'before' values depend on the layers healed before them, so their sum is not comparable).",
-                  "", "| run | held-back loss before | after (the criterion) | kept |", "|---|---|---|---|"]
+        lines += ["", "## Setting selection (held-back calibration and teacher-sampled sequences only; no held-out data)", "",
+                  "Criterion: the whole-model guard's KL(teacher || healed model) per token, measured whether or not the guard kept "
+                  "the heal, on the held-back calibration sequences and on the 16 teacher-sampled guard sequences (rows without "
+                  "guard numbers predate the guard: end-to-end T^2 KL, blockwise the last layer's normalised output error).",
+                  "", "| run | held-back calib. before -> after | teacher-sampled before -> after | kept | CPU s |", "|---|---|---|---|---|"]
         for k, r in sel.items():
-            last = r["records"][-1]
-            lines.append(f"| {k} | {last['heldout_before']:.5f} | {last['heldout_after']:.5f} | {sum(r['kept'])}/{len(r['kept'])} |")
+            g, last = r.get("model_guard"), r["records"][-1]
+            calib = (f"{g['kl_student']:.5f} -> {g['kl_healed']:.5f}" if g else
+                     f"{last['heldout_before']:.5f} -> {last['heldout_after']:.5f}")
+            sampled = (f"{g['kl_student_sampled']:.5f} -> {g['kl_healed_sampled']:.5f}"
+                       if g and g.get("kl_student_sampled") == g.get("kl_student_sampled") else "—")
+            kept = ("yes" if g["kept"] else "no") if g else f"{sum(r['kept'])}/{len(r['kept'])}"
+            lines.append(f"| {k} | {calib} | {sampled} | {kept} | {r.get('cpu_seconds', '')} |")
     chart = sorted(((r["train_tokens"], k, r) for k, r in rows.items() if k.startswith("chart/")), key=lambda t: t[0])
     if chart:
         lines += ["", "## Held-out perplexity vs training tokens (display only; nothing chosen on it)", "",

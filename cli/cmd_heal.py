@@ -44,6 +44,8 @@ def heal(
                               "embeddings and the head never train; LoRA is merged into the expert weights at the end"),
     steps: int = typer.Option(100, help="Adam steps per decoder layer (blockwise) or in all (end-to-end)"),
     lr: float = typer.Option(1e-3, help="Adam learning rate"),
+    lora_lr: float = typer.Option(None, "--lora-lr", help="Adam learning rate of the LoRA adapters (default: --lr); adapters "
+                                  "usually need a smaller one than ces scaling vectors"),
     lora_rank: int = typer.Option(8, help="rank of the LoRA adapters on each expert's fused weights"),
     batch_size: int = typer.Option(8, help="calibration sequences per step"),
     temperature: float = typer.Option(1.0, help="end-to-end: distillation temperature T (loss T^2 KL)"),
@@ -55,6 +57,11 @@ def heal(
     nsamples: int = typer.Option(128, help="calibration sequences"),
     seqlen: int = typer.Option(256, help="tokens per calibration sequence"),
     seed: int = typer.Option(0, help="seed: calibration windows, held-back split, adapters, minibatch order"),
+    guard_samples: int = typer.Option(16, help="sequences sampled from the teacher on which the healed model must also be closer to "
+                                      "the teacher than the unhealed one (0: check the held-back calibration sequences only)"),
+    guard_z: float = typer.Option(1.0, help="keep the healed model only if its KL to the teacher drops by more than this many "
+                                  "standard errors, on the held-back calibration AND the teacher-sampled sequences"),
+    schedule: str = typer.Option("constant", help="learning rate: constant, or cosine (linear warmup over 5% of the steps, then cosine to 0)"),
     eval_data: Path = typer.Option(None, "--eval-data", help="text file: perplexity of teacher, student and OUT, in the report"),
     eval_seqlen: int = typer.Option(256, help="chunk length for --eval-data"),
     eval_max_tokens: int = typer.Option(40000, help="first N tokens of --eval-data"),

@@ -60,7 +60,7 @@ def quantize(
     vllm_version: str = typer.Option(None, "--vllm-version", help="--target vllm: the vLLM release to run on: 0.33 (default, oldest supported) or humming (newer vLLM with the Humming MoE path: 2-bit sym experts too)"),
     transformers_version: str = typer.Option(None, "--transformers-version", help="--target hf: the transformers release to load with: 5.24 (default, oldest supported: attention / shared experts at the experts' width) or 5.25 (one own width for them)"),
     device: str = typer.Option(None, "--device", help="where the solver math runs (cpu, cuda, cuda:1); default: CUDA when available, else the CPU"),
-    solve_memory_mb: int | None = typer.Option(None, "--solve-memory-mb", help="solver memory (Hessians, factors) per batch of experts, MiB; larger layers are solved in chunks [default: 32 on the CPU, 4096 on CUDA]"),
+    solve_memory_mb: int | None = typer.Option(None, "--solve-memory-mb", help="solver memory (Hessians, factors) per batch of experts, MiB; larger layers are solved in chunks [default: 16 on the CPU, 4096 on CUDA]"),
     overwrite: bool = OVERWRITE,
     dry_run: bool = DRY_RUN,
     save_pipeline: Path = SAVE_PIPELINE,

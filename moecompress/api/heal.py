@@ -36,6 +36,7 @@ from moecompress.model.loading import LayerwiseModel, read_config
 from moecompress.modules.compressed_experts import MODULE_TYPE
 from moecompress.passes import distill_ces
 from moecompress.passes.heal import (
+    GUARD_SEED_OFFSET,
     TRAINABLE,
     HealConfig,
     available_kinds,
@@ -57,6 +58,7 @@ class HealOptions:
     train: str | None = None  # comma list; None: ces (when present), routers, lora, norms
     steps: int = 100
     lr: float = 1e-3
+    lora_lr: float | None = None
     lora_rank: int = 8
     batch_size: int = 8
     temperature: float = 1.0
@@ -68,6 +70,9 @@ class HealOptions:
     nsamples: int = 128
     seqlen: int = 256
     seed: int = 0
+    guard_samples: int = 16
+    guard_z: float = 1.0
+    schedule: str = "constant"
     eval_data: str | None = None
     eval_seqlen: int = 256
     eval_max_tokens: int | None = 40000
@@ -81,9 +86,10 @@ class HealOptions:
 
     def config(self) -> HealConfig:
         return HealConfig(
-            mode=self.mode, train=self.train_kinds(), steps=self.steps, lr=self.lr, batch_size=self.batch_size,
+            mode=self.mode, train=self.train_kinds(), steps=self.steps, lr=self.lr, lora_lr=self.lora_lr, batch_size=self.batch_size,
             lora_rank=self.lora_rank, temperature=self.temperature, top_k=self.top_k,
             holdout_fraction=self.holdout_fraction, checkpoint_every=self.checkpoint_every, seed=self.seed,
+            guard_samples=self.guard_samples, guard_z=self.guard_z, schedule=self.schedule,
         )
 
     def calibration(self) -> CalibrationSpec:
@@ -277,14 +283,15 @@ class HealJob:
     def write(self, stage: Path, progress: Progress | None) -> JobResult:
         o, cfg = self.options, self.options.config()
         calib, calibration = load_for_model(self.teacher, o.calibration(), self.announce)
+        guard_ids = self._guard_sequences(calib.input_ids.shape[1])
         work = open_work_dir(self.work_dir_for(stage), work_key(self.model, self.teacher, o), self.announce)
         student = LayerwiseModel(self.model)
         storage = student.checkpoint_dtype
         writer = CheckpointWriter(stage, student.model, storage)
         if cfg.mode == "blockwise":
-            records = self._blockwise(student, calib.input_ids, cfg, work, writer, storage, progress)
+            records = self._blockwise(student, calib.input_ids, guard_ids, cfg, work, writer, storage, progress)
         else:
-            records = self._end_to_end(student, calib.input_ids, cfg, work, writer, storage, progress)
+            records = self._end_to_end(student, calib.input_ids, guard_ids, cfg, work, writer, storage, progress)
         config = student.config
         config.dtype = storage
         writer.finish(config, self.model)
@@ -306,7 +313,19 @@ class HealJob:
             result.notes.append(f"perplexity: teacher {e['teacher']:.4f}, student {e['student']:.4f} -> healed {e['healed']:.4f}")
         return result
 
-    def _blockwise(self, student, input_ids, cfg, work, writer, storage, progress):
+    def _guard_sequences(self, seqlen: int) -> torch.Tensor:
+        """``guard_samples`` sequences sampled from the teacher for the whole-model guard ([G, seqlen]; G may be 0).
+        Seeded apart from the calibration seed, so with ``--calib sample`` they are never training text."""
+        o = self.options
+        if o.guard_samples == 0:
+            return torch.zeros(0, seqlen, dtype=torch.long)
+        spec = CalibrationSpec("sample", o.guard_samples, seqlen, o.seed + GUARD_SEED_OFFSET)
+        if self.announce is not None:
+            self.announce(f"guard: sampling {o.guard_samples} x {seqlen} tokens from the teacher")
+        calib, _ = load_for_model(self.teacher, spec)
+        return calib.input_ids
+
+    def _blockwise(self, student, input_ids, guard_ids, cfg, work, writer, storage, progress):
         layers_dir = work / "layers"
         layers_dir.mkdir(exist_ok=True)
         layer_writer = CheckpointWriter(layers_dir, student.model, storage)
@@ -316,7 +335,7 @@ class HealJob:
             layer_writer.write_module(f"{name}.{i}", layer, f"layer-{i:05d}.safetensors")
 
         teacher = LayerwiseModel(self.teacher)
-        records, guard = heal_blockwise(teacher, student, input_ids, cfg, work, write_layer, storage, progress)
+        records, guard = heal_blockwise(teacher, student, input_ids, cfg, work, write_layer, storage, progress, guard_ids)
         del teacher
         self.guard = None if guard is None else asdict(guard)
         for i in range(student.view.num_layers):
@@ -330,24 +349,26 @@ class HealJob:
         student.release_outer()
         return [asdict(r) for r in records]
 
-    def _end_to_end(self, student, input_ids, cfg, work, writer, storage, progress):
+    def _end_to_end(self, student, input_ids, guard_ids, cfg, work, writer, storage, progress):
         from safetensors.torch import load_file, save_file
 
         from moecompress.passes.distill_ces import TeacherTargets
 
         targets_file = work / "teacher_targets.safetensors"
+        all_ids = torch.cat([input_ids, guard_ids.to(input_ids.dtype)])  # guard rows last: scored, never trained on
         if not targets_file.is_file():
             # Teacher first, released before the student loads: one full model in memory at a time.
             teacher = LayerwiseModel(self.teacher).load_full()
-            t = teacher_targets_for(teacher, input_ids, cfg)
+            t = teacher_targets_for(teacher, all_ids, cfg)
             del teacher
             save_file({"logp": t.logp, "index": t.index, "tail_logp": t.tail_logp}, str(targets_file.with_suffix(".tmp")))
             targets_file.with_suffix(".tmp").rename(targets_file)
         saved = load_file(str(targets_file))
         targets = TeacherTargets(saved["logp"], saved["index"], saved["tail_logp"])
         model = student.load_full()
-        record = heal_end_to_end(model, student.view.layers_name, _router_paths(student, prefix=True), input_ids, targets,
-                                 cfg, work, storage, progress)
+        record, guard = heal_end_to_end(model, student.view.layers_name, _router_paths(student, prefix=True), all_ids, targets,
+                                        cfg, work, storage, progress, guard_count=guard_ids.shape[0])
+        self.guard = None if guard is None else asdict(guard)
         name = student.view.layers_name
         for i in range(student.view.num_layers):
             writer.write_module(f"{name}.{i}", student.layers[i], f"layer-{i:05d}.safetensors")
@@ -364,12 +385,16 @@ class HealJob:
             "train": list(cfg.train) if cfg.train else "default",
             "steps": cfg.steps,
             "lr": cfg.lr,
+            "lora_lr": cfg.lora_lr,
             "batch_size": cfg.batch_size,
             "lora_rank": cfg.lora_rank,
             "temperature": cfg.temperature if cfg.mode == "end-to-end" else None,
             "top_k": cfg.top_k if cfg.mode == "end-to-end" else None,
             "holdout_fraction": cfg.holdout_fraction,
             "seed": cfg.seed,
+            "schedule": cfg.schedule,
+            "guard_samples": cfg.guard_samples,
+            "guard_z": cfg.guard_z,
             "calibration": calibration,
             "train_tokens": _trained_tokens(cfg, input_ids, records),
             "records": records,
@@ -420,9 +445,18 @@ def _loss_note(summary: dict) -> str:
     note = f"held-back calibration {what}: {pairs} ({kept} of {len(recs)} trained parts kept)"
     g = summary.get("model_guard")
     if g:
-        note += (f"; whole-model held-back KL {g['kl_student']:.5f} -> {g['kl_healed']:.5f}"
-                 + ("" if g["kept"] else ", not better: the student is written unchanged"))
+        note += f"; whole-model guard: {guard_line(g)}"
     return note
+
+
+def guard_line(g: dict) -> str:
+    """The whole-model guard in one line: KL per token, unhealed -> healed, on both sets, and the decision."""
+    line = f"KL(teacher || model) held-back calibration {g['kl_student']:.5f} -> {g['kl_healed']:.5f}"
+    if g.get("kl_student_sampled") == g.get("kl_student_sampled"):  # not nan: there were guard samples
+        line += f", teacher-sampled {g['kl_student_sampled']:.5f} -> {g['kl_healed_sampled']:.5f}"
+    verdict = ("healed model written" if g["kept"] else
+               f"not lower by {g.get('z', 0):g} standard errors on both: the student is written unchanged")
+    return f"{line}; {verdict}"
 
 
 def heal(model: str | Path, out: str | Path, options: HealOptions | None = None, *, overwrite: bool = False,
@@ -454,8 +488,10 @@ def write_heal_report(path: Path, s: dict) -> None:
                                   "teacher layer's output; normalised MSE)" if blockwise else
                                   f" (all layers jointly; T^2 KL(teacher || student) at temperature {s['temperature']}, "
                                   f"teacher top-{s['top_k']} + tail)"),
-        f"- trained: {', '.join(s['train']) if isinstance(s['train'], list) else 'ces (if present), routers, LoRA rank ' + str(s['lora_rank']) + ' on the experts (merged), norms'}; "
-        f"{s['steps']} Adam steps{' per layer' if blockwise else ''}, lr {s['lr']}, {s['batch_size']} sequences per step, seed {s['seed']}",
+        f"- trained: {', '.join(s['train']) if isinstance(s['train'], list) else 'ces (if present), routers, LoRA rank ' + str(s['lora_rank']) + ' on the experts outside compressed-experts blocks (merged), norms'}; "
+        f"{s['steps']} Adam steps{' per layer' if blockwise else ''}, lr {s['lr']}"
+        + (f" (LoRA {s['lora_lr']})" if s.get("lora_lr") is not None else "")
+        + f", {s.get('schedule', 'constant')} schedule, {s['batch_size']} sequences per step, seed {s['seed']}",
         f"- calibration: {s['calibration']}; {s['holdout_fraction']:.0%} of the sequences held back (never trained on)",
         f"- training tokens (with repeats): {s['train_tokens']:,}",
         "",
@@ -473,9 +509,9 @@ def write_heal_report(path: Path, s: dict) -> None:
         rows.append(row)
     g = s.get("model_guard")
     if g:
-        lines += [f"Whole model on the held-back calibration sequences, KL(teacher || model) per token: student {g['kl_student']:.5f}, "
-                  f"healed {g['kl_healed']:.5f} -> " + ("healed layers written." if g["kept"] else
-                                                        "NOT better: the student's original weights were written."), ""]
+        lines += [f"Whole-model guard ({s.get('guard_samples', 0)} sequences sampled from the teacher + the held-back calibration "
+                  f"sequences; the healed model is kept only if its KL drops by more than {g.get('z', 0):g} standard errors of the "
+                  f"paired per-sequence decrease on both): {guard_line(g)}.", ""]
     lines += ["A part whose held-back loss did not improve keeps its original weights.", "", markdown_table(headers, rows), "",
               "LoRA adapters are merged into the expert weights: the checkpoint has the student's format and loads like it."]
     Path(path).write_text("\n".join(lines) + "\n")

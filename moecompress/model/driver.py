@@ -223,7 +223,8 @@ def limit_heap_arenas(count: int = 1) -> None:
     By default every thread that allocates while another holds the heap lock gets an arena of its
     own (up to 8 per core), and each keeps its freed memory apart: the compute threads' temporaries
     (token blocks, GEMM outputs) then leave holes in several heaps. One arena measured 36 MB less peak
-    RSS on the testbed (598 vs 634 MB, 2 threads). Call it before the compute threads start (the
+    RSS on the testbed at 32 x 256 calibration tokens (598 vs 634 MB, 2 threads) and 643-659 vs
+    658-681 MB at 128 x 256 (two runs each; wall time within the run-to-run noise). Call it before the compute threads start (the
     CLI does, first thing); later only threads without an arena are affected. No-op off glibc."""
     try:
         ctypes.CDLL("libc.so.6").mallopt(M_ARENA_MAX, count)

@@ -133,11 +133,16 @@ def resumable_adam(
     optimizer_state: dict | None = None,
     losses: list[float] | None = None,
     after_step: Callable[[int, torch.optim.Optimizer, list[float]], None] | None = None,
+    lr_scale: Callable[[int], float] | None = None,
 ) -> list[float]:
     """:func:`adam_steps` that can start at ``start_step`` from a saved ``optimizer_state`` (and the
     ``losses`` so far): the minibatch stream is replayed up to that step, so a resumed run takes exactly
-    the steps an uninterrupted one would. ``after_step(step, optimizer, losses)`` may save a checkpoint."""
-    opt = torch.optim.Adam(params, lr=lr)
+    the steps an uninterrupted one would. ``after_step(step, optimizer, losses)`` may save a checkpoint.
+    ``lr_scale(step)``: the learning rate of (0-based) step ``step`` is ``lr * lr_scale(step)``, each param
+    group's own lr for groups (a schedule;
+    a function of the step only, so a resumed run follows it exactly)."""
+    opt = torch.optim.Adam(params, lr=lr)  # params: tensors, or torch param groups (a group may set its own lr)
+    base_lrs = [group["lr"] for group in opt.param_groups]  # before a saved state overwrites them with scaled ones
     if optimizer_state is not None:
         opt.load_state_dict(optimizer_state)
     batches = shuffled_batches(n_rows, batch, torch.Generator().manual_seed(seed))
@@ -146,6 +151,9 @@ def resumable_adam(
     losses = list(losses or [])
     with torch.enable_grad():
         for step in range(start_step, steps):
+            if lr_scale is not None:
+                for group, base in zip(opt.param_groups, base_lrs):
+                    group["lr"] = base * lr_scale(step)
             loss = batch_loss(next(batches))
             opt.zero_grad(set_to_none=True)
             loss.backward()

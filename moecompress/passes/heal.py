@@ -9,7 +9,11 @@ embeddings and the output head always):
                  experts that are left;
 * ``lora``    -- a rank-r adapter on every 3-D fused expert parameter (``gate_up_proj`` / ``down_proj``,
                  per expert: W_e + B_e A_e). Adapters are MERGED into the weights at the end, so the output
-                 has exactly the input's structure and format (a pruned standard checkpoint stays one);
+                 has exactly the input's structure and format (a pruned standard checkpoint stays one).
+                 Not inside a compressed-experts block: it computes its experts through ``ExpertsView``,
+                 whose weight slices are detached (``param.data``), so no gradient would reach an adapter
+                 there (it would train nothing); those experts are skipped, and ``--train lora`` on a
+                 student with nothing else to adapt is refused;
 * ``norms``   -- the RMSNorm / LayerNorm weights of the decoder layers.
 
 Two modes:
@@ -30,13 +34,32 @@ Two modes:
   student train jointly on ``T^2 * KL(teacher_T || student_T)`` over {top-K, tail} (``distill_ces.coarse_kl``).
 
 A held-back slice of the calibration sequences (seeded, ``holdout_fraction``) is never trained on: its
-loss before and after is reported, and a layer (blockwise) or the model (end-to-end) whose held-back
-loss did not improve keeps its original weights. That loss is measured with the adapters still separate
-(merging is exact), so nothing has to be undone. Per-layer errors can improve while the model's
-next-token distributions do not, so blockwise mode also checks the whole model: the unhealed student is
-propagated on the held-back sequences too, and at the end KL(teacher || student) of the final
-distributions (heads applied to the stored final hidden states) is compared for the unhealed and the
-healed student; if healing did not lower it, the unhealed student is written (``ModelGuard``).
+loss before and after is reported, and a layer (blockwise) whose held-back loss did not improve keeps its
+original weights. That loss is measured with the adapters still separate (merging is exact), so nothing
+has to be undone.
+
+The whole-model guard (both modes) decides whether the healed model is written at all. Held-back
+calibration text alone is not enough: it tells whether the student got closer to the teacher on the
+CALIBRATION distribution, and calibration text (e.g. the built-in ``mixed`` set) can be far from what
+the model is used on; a heal can then fit the calibration text better and the model's own distribution
+worse (reports/heal.md: compressed experts healed blockwise lowered the held-back calibration KL and raised
+held-out perplexity). So the guard also measures KL(teacher || student) on ``guard_samples`` sequences
+sampled from the TEACHER (temperature 1, a seed derived from ``seed`` and never the training seed): text
+from the distribution the model was trained to produce, with no held-out data involved, never trained on.
+The healed model is kept only if its KL is lower than the unhealed student's on BOTH sets, each by more
+than ``guard_z`` standard errors of the paired per-sequence decrease (``clearly_lower``: the same sequences
+are scored before and after, so the noise that matters is the spread of the per-sequence differences; a
+one-sided paired test on each set). Default z = 1: if healing changed nothing real, each set passes by
+chance with probability ~0.16, and the two sets' sequences are drawn independently, so both pass with
+~0.16^2 = 2.5%, the false-acceptance rate of a single 2-SE test; z = 2 on each set (0.05% jointly) rejected
+heals that improved both sets by 11-16% on the testbed (reports/heal.md). Otherwise the unhealed student is
+written, unchanged (``ModelGuard``). Blockwise: the guard sequences travel through the layers with the
+calibration sequences (never trained on), the unhealed student is propagated on the held-back and guard
+sequences too, and the final distributions come from the heads applied to the stored final hidden states.
+End-to-end: the teacher's targets are computed for the guard sequences too. Cost: sampling
+``guard_samples x seqlen`` tokens with the whole teacher once (the same step ``--calib sample`` takes;
+``guard_samples 0`` turns it off for a teacher that cannot be loaded whole, the guard then checks the
+held-back calibration sequences only), plus a forward of those sequences.
 
 Training checkpoints (trainable tensors, Adam state, step) are written every ``checkpoint_every`` steps
 and after every finished layer into a work folder the caller owns; a rerun with the same work folder
@@ -73,6 +96,9 @@ from moecompress.passes.distill_ces import (
 from moecompress.validation import check_choice, check_float, check_int
 
 MODES = ("blockwise", "end-to-end")
+SCHEDULES = ("constant", "cosine")
+WARMUP_FRACTION = 0.05
+GUARD_SEED_OFFSET = 10007  # guard samples never share the seed of --calib sample's training text
 TRAINABLE = ("ces", "routers", "lora", "norms")
 LORA_TARGETS = ("gate_up_proj", "gate_proj", "up_proj", "down_proj")  # 3-D fused expert parameters
 
@@ -90,6 +116,7 @@ class HealConfig:
     train: tuple[str, ...] | None = None  # None: every kind the student has (ces only if it has compressed experts)
     steps: int = 100  # per layer (blockwise) or in all (end-to-end)
     lr: float = 1e-3
+    lora_lr: float | None = None  # the LoRA adapters' learning rate (None: lr)
     batch_size: int = 8  # sequences per step
     lora_rank: int = 8
     temperature: float = 1.0  # end-to-end
@@ -97,6 +124,9 @@ class HealConfig:
     holdout_fraction: float = 0.1
     checkpoint_every: int = 0
     seed: int = 0
+    guard_samples: int = 16  # teacher-sampled sequences the whole-model guard also checks (0: held-back calibration only)
+    guard_z: float = 1.0  # keep the healed model only if its KL drops by more than this many standard errors, on both sets
+    schedule: str = "constant"  # learning rate: constant, or cosine (linear warmup over the first 5% of steps, cosine to 0)
 
     def validate(self) -> None:
         check_choice("--mode", self.mode, MODES)
@@ -107,6 +137,8 @@ class HealConfig:
                 check_choice("--train", t, TRAINABLE)
         check_int("--steps", self.steps, 1)
         check_float("--lr", self.lr, 0.0, None, low_open=True)
+        if self.lora_lr is not None:
+            check_float("--lora-lr", self.lora_lr, 0.0, None, low_open=True)
         check_int("--batch-size", self.batch_size, 1)
         check_int("--lora-rank", self.lora_rank, 1)
         check_float("--temperature", self.temperature, 0.0, None, low_open=True)
@@ -114,6 +146,9 @@ class HealConfig:
         check_float("--holdout-fraction", self.holdout_fraction, 0.0, 0.5)
         check_int("--checkpoint-every", self.checkpoint_every, 0)
         check_int("--seed", self.seed, 0)
+        check_int("--guard-samples", self.guard_samples, 0)
+        check_float("--guard-z", self.guard_z, 0.0, None)
+        check_choice("--schedule", self.schedule, SCHEDULES)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -148,6 +183,36 @@ def distill_loss(targets: TeacherTargets, student_logits: torch.Tensor, temperat
     return coarse_kl(targets, student_logits / temperature).mean() * temperature**2
 
 
+def clearly_lower(before: torch.Tensor, after: torch.Tensor, z: float) -> bool:
+    """Whether the per-sequence losses ``after`` are lower than ``before`` (same sequences) beyond noise:
+    the mean paired decrease exceeds ``z`` standard errors of that mean (a one-sided paired test). With one
+    sequence the standard error is unknown and only a decrease is asked; with none there is nothing to
+    check (True)."""
+    d = (before.double() - after.double()).flatten()
+    if d.numel() == 0:
+        return True
+    se = d.std(unbiased=True) / d.numel() ** 0.5 if d.numel() > 1 else torch.zeros((), dtype=torch.float64)
+    return bool(d.mean() > z * se)
+
+
+def guard_keeps(calib: tuple[torch.Tensor, torch.Tensor], sampled: tuple[torch.Tensor, torch.Tensor], z: float) -> bool:
+    """The whole-model guard: keep the healed model only if it is clearly closer to the teacher on the
+    held-back calibration sequences AND on the teacher-sampled ones ((before, after) per-sequence KL each)."""
+    return clearly_lower(*calib, z) and clearly_lower(*sampled, z)
+
+
+def lr_factor(step: int, steps: int, schedule: str) -> float:
+    """Learning-rate multiplier at (0-based) ``step``: 1 (constant), or a linear warmup over the first
+    ``WARMUP_FRACTION`` of the steps then a cosine decay to 0 (a function of the step only: resumable)."""
+    if schedule == "constant":
+        return 1.0
+    warmup = max(1, int(round(WARMUP_FRACTION * steps)))
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return 0.5 * (1.0 + float(np.cos(np.pi * progress)))
+
+
 # --------------------------------------------------------------------------------------------------
 # What trains
 # --------------------------------------------------------------------------------------------------
@@ -155,6 +220,13 @@ def distill_loss(targets: TeacherTargets, student_logits: torch.Tensor, temperat
 
 def _is_norm(module: nn.Module) -> bool:
     return isinstance(module, nn.LayerNorm) or type(module).__name__.endswith("Norm")
+
+
+def _lora_target(named: dict[str, nn.Module], mname: str) -> bool:
+    """Whether the experts module at ``mname`` can take LoRA adapters: not the child of a compressed-experts
+    block (one with its own ``ces`` parameter), whose forward reads the expert weights detached."""
+    parent = named.get(mname.rsplit(".", 1)[0] if "." in mname else "")
+    return not (parent is not None and parent is not named.get(mname) and "ces" in dict(parent.named_parameters(recurse=False)))
 
 
 @dataclass
@@ -177,6 +249,16 @@ class Trainables:
         for n in sorted(self.lora):
             params += list(self.lora[n])
         return params
+
+    def param_groups(self, lr: float, lora_lr: float | None) -> list[dict]:
+        """Adam param groups in ``parameters()`` order: the direct tensors at ``lr``, the adapters at ``lora_lr``
+        (default ``lr``). Adapters need a smaller step: Adam moves every entry of B by ~lr per step whatever
+        its gradient, and B A sums r such entries into each weight, while a ces scaling vector near 1 needs
+        steps of ~1e-2 to move at all."""
+        direct = [self.direct[n] for n in sorted(self.direct)]
+        lora = [t for n in sorted(self.lora) for t in self.lora[n]]
+        groups = [{"params": direct, "lr": lr}] if direct else []
+        return groups + ([{"params": lora, "lr": lr if lora_lr is None else lora_lr}] if lora else [])
 
     def numel(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -248,7 +330,7 @@ def select_trainables(module: nn.Module, router_paths: list[str], what: tuple[st
                     pick("norms", f"{mname}.{pname}" if mname else pname, p)
     if "lora" in what:
         for mname, sub in sorted(named.items()):
-            if not is_experts_module(sub):
+            if not is_experts_module(sub) or not _lora_target(named, mname):
                 continue
             for pname in LORA_TARGETS:
                 p = getattr(sub, pname, None)
@@ -272,11 +354,11 @@ def available_kinds(module: nn.Module, router_paths: list[str]) -> set[str]:
     named = dict(module.named_modules())
     if any(path in named and any(True for _ in named[path].parameters(recurse=False)) for path in router_paths):
         kinds.add("routers")
-    for sub in named.values():
+    for mname, sub in named.items():
         if _is_norm(sub) and any(True for _ in sub.parameters(recurse=False)):
             kinds.add("norms")
-        if is_experts_module(sub) and any(isinstance(getattr(sub, t, None), nn.Parameter) and getattr(sub, t).dim() == 3
-                                          for t in LORA_TARGETS):
+        fused = any(isinstance(getattr(sub, t, None), nn.Parameter) and getattr(sub, t).dim() == 3 for t in LORA_TARGETS)
+        if is_experts_module(sub) and _lora_target(named, mname) and fused:
             kinds.add("lora")
     return kinds
 
@@ -287,7 +369,8 @@ def check_trainables(kinds: set[str], what: tuple[str, ...] | None, where: str) 
         missing = [k for k in what if k not in kinds]
         if missing:
             hint = {"ces": "the student has no compressed experts (run compress-experts first)",
-                    "lora": "the student has no fused expert weights to adapt (a quantized student? heal before quantizing)",
+                    "lora": "the student has no fused expert weights LoRA can train (a quantized student? heal before quantizing; "
+                             "compressed-experts blocks read their expert weights detached: train ces, routers, norms)",
                     "routers": "the student has no MoE router", "norms": "the student has no norm layers"}
             raise MoeCompressError(f"--train {missing[0]}: {hint[missing[0]]} ({where})")
     if not kinds.intersection(what or TRAINABLE):
@@ -389,9 +472,9 @@ def train(trainables: Trainables, batch_loss: Callable[[torch.Tensor], torch.Ten
     resume = checkpointer.load()
     losses = list(resume["losses"]) if resume else []
     return resumable_adam(
-        trainables.parameters(), batch_loss, n_rows, cfg.batch_size, cfg.steps, cfg.lr, seed,
+        trainables.param_groups(cfg.lr, cfg.lora_lr), batch_loss, n_rows, cfg.batch_size, cfg.steps, cfg.lr, seed,
         start_step=resume["step"] if resume else 0, optimizer_state=resume["optimizer"] if resume else None,
-        losses=losses,
+        losses=losses, lr_scale=lambda step: lr_factor(step, cfg.steps, cfg.schedule),
         after_step=lambda step, opt, ls: (checkpointer.maybe_save(step, cfg.steps, opt, ls, extra),
                                           on_step(step) if on_step else None),
     )
@@ -492,33 +575,62 @@ def _heldout_loss(fn, store: HiddenStore, index: int, held: torch.Tensor, batch:
 
 @dataclass
 class ModelGuard:
-    """Blockwise's whole-model check on the held-back calibration sequences: KL(teacher || student) per
-    token of the final next-token distributions, unhealed vs healed. ``kept`` False: the output is the
-    unhealed student (per-layer errors can improve while the distributions do not)."""
+    """The whole-model guard's numbers: mean KL(teacher || model) per token of the final next-token
+    distributions, unhealed student vs healed, on the held-back calibration sequences (``kl_student`` /
+    ``kl_healed``) and on the teacher-sampled guard sequences (``*_sampled``; nan when there are none),
+    with the standard error of the mean per-sequence decrease on each set. ``kept`` False: the output is
+    the unhealed student (``guard_keeps``)."""
 
     kl_student: float
     kl_healed: float
     kept: bool
+    kl_student_sampled: float = float("nan")
+    kl_healed_sampled: float = float("nan")
+    se_calib: float = float("nan")
+    se_sampled: float = float("nan")
+    z: float = 0.0
+
+
+def _mean_or_nan(x: torch.Tensor) -> float:
+    return float(x.double().mean()) if x.numel() else float("nan")
+
+
+def _paired_se(before: torch.Tensor, after: torch.Tensor) -> float:
+    d = (before.double() - after.double()).flatten()
+    return float(d.std(unbiased=True) / d.numel() ** 0.5) if d.numel() > 1 else float("nan")
+
+
+def judge(calib: tuple[torch.Tensor, torch.Tensor], sampled: tuple[torch.Tensor, torch.Tensor], z: float) -> ModelGuard:
+    """``ModelGuard`` from per-sequence KL (before, after) on the held-back calibration and guard sequences."""
+    return ModelGuard(_mean_or_nan(calib[0]), _mean_or_nan(calib[1]), guard_keeps(calib, sampled, z),
+                      _mean_or_nan(sampled[0]), _mean_or_nan(sampled[1]), _paired_se(*calib), _paired_se(*sampled), z)
 
 
 def heal_blockwise(teacher, student, input_ids: torch.Tensor, cfg: HealConfig, work: Path,
                    write_layer: Callable[[int, nn.Module], None], storage_dtype: torch.dtype,
-                   progress: Progress | None = None) -> tuple[list[LayerHealRecord], ModelGuard | None]:
+                   progress: Progress | None = None, guard_ids: torch.Tensor | None = None
+                   ) -> tuple[list[LayerHealRecord], ModelGuard | None]:
     """Heal ``student`` (a ``LayerwiseModel``) layer by layer towards ``teacher``; see the module doc.
 
     ``write_layer(i, layer)`` receives each finished (merged, rounded) student layer. Progress and resume
     state live in ``work``: rerunning with the same folder continues after the last finished layer (from
-    its last training checkpoint). Besides the healed student, the UNHEALED student is propagated on the
-    held-back sequences only (a small third array), for the whole-model guard at the end (None when
-    nothing is held back).
+    its last training checkpoint). ``guard_ids`` [G, L] (teacher-sampled, same length as ``input_ids``)
+    are appended after the calibration rows and never trained on. Besides the healed student, the UNHEALED
+    student is propagated on the held-back and guard sequences only (a small third array), for the
+    whole-model guard at the end (None when there is nothing to check it on).
     """
-    n, seqlen = input_ids.shape
+    n_calib, seqlen = input_ids.shape
+    train_ids, held_ids = split_sequences(n_calib, cfg.holdout_fraction, cfg.seed)
+    if guard_ids is not None and guard_ids.numel():
+        input_ids = torch.cat([input_ids, guard_ids.to(input_ids.dtype)])
+    n = input_ids.shape[0]
+    guard_rows = torch.arange(n_calib, n)
+    check_ids = torch.cat([held_ids, guard_rows])  # rows the whole-model guard scores: held-back, then guard
+    n_check = check_ids.numel()
     hidden = student.config.hidden_size
     store = HiddenStore(work / "hidden", (n, seqlen, hidden))
-    train_ids, held_ids = split_sequences(n, cfg.holdout_fraction, cfg.seed)
-    n_held = held_ids.numel()
-    plain = HiddenStore(work / "hidden" / "plain", (n_held, seqlen, hidden)) if n_held else None
-    kwargs_s = LayerKwargs(student, seqlen, _batch_sizes([n, train_ids.numel(), n_held], cfg.batch_size))
+    plain = HiddenStore(work / "hidden" / "plain", (n_check, seqlen, hidden)) if n_check else None
+    kwargs_s = LayerKwargs(student, seqlen, _batch_sizes([n, train_ids.numel(), held_ids.numel(), n_check], cfg.batch_size))
     kwargs_t = LayerKwargs(teacher, seqlen, _batch_sizes([n], cfg.batch_size))
     state_path = work / "state.json"
     state = json.loads(state_path.read_text()) if state_path.is_file() else {"layers_done": 0, "records": []}
@@ -529,7 +641,7 @@ def heal_blockwise(teacher, student, input_ids: torch.Tensor, cfg: HealConfig, w
         if not store.exists("student", 0):
             _write_embeddings(student, store, "student", input_ids, cfg.batch_size)
         if plain is not None and not plain.exists("plain", 0):
-            plain.write("plain", 0, ((s, store.read("student", 0, held_ids[s:e])) for s, e in _chunks(n_held, cfg.batch_size)))
+            plain.write("plain", 0, ((s, store.read("student", 0, check_ids[s:e])) for s, e in _chunks(n_check, cfg.batch_size)))
     num_layers = student.view.num_layers
     for i in range(start, num_layers):
         if not store.exists("teacher", i + 1):
@@ -538,7 +650,7 @@ def heal_blockwise(teacher, student, input_ids: torch.Tensor, cfg: HealConfig, w
             teacher.release_layer(i)
         layer = student.load_layer(i)
         if plain is not None and not plain.exists("plain", i + 1):  # the layer as loaded, before any training
-            _propagate(layer, plain, "plain", "plain", i, n_held, cfg.batch_size, kwargs_s)
+            _propagate(layer, plain, "plain", "plain", i, n_check, cfg.batch_size, kwargs_s)
         record = _heal_layer(i, layer, student, store, train_ids, held_ids, cfg, kwargs_s, work, storage_dtype, progress)
         write_layer(i, layer)
         _propagate(layer, store, "student", "student", i, n, cfg.batch_size, kwargs_s)
@@ -551,8 +663,10 @@ def heal_blockwise(teacher, student, input_ids: torch.Tensor, cfg: HealConfig, w
         if plain is not None:
             plain.delete_before(i + 1)
     if plain is not None and "guard" not in state:
-        kl_student, kl_healed = _final_kl(teacher, student, store, plain, held_ids, num_layers, cfg.batch_size, cfg.top_k)
-        state["guard"] = asdict(ModelGuard(kl_student, kl_healed, kept=kl_healed < kl_student))
+        before, after = _final_kl(teacher, student, store, plain, check_ids, num_layers, cfg.batch_size, cfg.top_k)
+        n_held = held_ids.numel()
+        guard = judge((before[:n_held], after[:n_held]), (before[n_held:], after[n_held:]), cfg.guard_z)
+        state["guard"] = asdict(guard)
         write_json_atomically(state, state_path)
     guard = ModelGuard(**state["guard"]) if "guard" in state else None
     return [LayerHealRecord(**r) for r in state["records"]], guard
@@ -565,31 +679,31 @@ def _head(lm):
 
 
 @torch.no_grad()
-def _final_kl(teacher, student, store: HiddenStore, plain: HiddenStore, held_ids: torch.Tensor, last: int,
-              batch: int, top_k: int) -> tuple[float, float]:
-    """Mean KL(teacher || .) per token on the held-back sequences: the unhealed student, the healed one.
+def _final_kl(teacher, student, store: HiddenStore, plain: HiddenStore, check_ids: torch.Tensor, last: int,
+              batch: int, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean KL(teacher || .) per token of each sequence in ``check_ids``: the unhealed student, the healed one.
 
     Final hidden states come from the work folder; only the final norms and heads are loaded, one model's
     at a time: the teacher's distributions are kept as compact top-K targets (``distill_ces.coarse_kl``)
     in between, not as full logits."""
-    chunks = _chunks(held_ids.numel(), batch)
+    chunks = _chunks(check_ids.numel(), batch)
     teacher.load_outer()
     try:
         head = _head(teacher)
-        targets = [teacher_targets(head(store.read("teacher", last, held_ids[s:e])).flatten(0, 1), top_k) for s, e in chunks]
+        targets = [teacher_targets(head(store.read("teacher", last, check_ids[s:e])).flatten(0, 1), top_k) for s, e in chunks]
     finally:
         teacher.release_outer()
     student.load_outer()
     try:
         head = _head(student)
-        totals = [0.0, 0.0]
+        per_seq = [[], []]
         for (s, e), t in zip(chunks, targets):
-            for j, h in enumerate((plain.read("plain", last, torch.arange(s, e)), store.read("student", last, held_ids[s:e]))):
-                totals[j] += float(coarse_kl(t, head(h).flatten(0, 1)).sum())
+            for j, h in enumerate((plain.read("plain", last, torch.arange(s, e)), store.read("student", last, check_ids[s:e]))):
+                per_seq[j].append(coarse_kl(t, head(h).flatten(0, 1)).reshape(e - s, -1).double().mean(1))
     finally:
         student.release_outer()
-    tokens = held_ids.numel() * store.shape[1]
-    return totals[0] / tokens, totals[1] / tokens
+    empty = torch.zeros(0, dtype=torch.float64)
+    return tuple(torch.cat(p) if p else empty for p in per_seq)
 
 
 def _router_paths(lm, index: int) -> list[str]:
@@ -684,24 +798,27 @@ def teacher_targets_for(model: nn.Module, input_ids: torch.Tensor, cfg: HealConf
 
 
 @torch.no_grad()
-def _mean_kl(forward, model, input_ids, targets: TeacherTargets, seqs: torch.Tensor, cfg: HealConfig) -> float:
-    if seqs.numel() == 0:
-        return float("nan")
-    total = 0.0
+def _kl_per_sequence(forward, model, input_ids, targets: TeacherTargets, seqs: torch.Tensor, cfg: HealConfig) -> torch.Tensor:
+    """T^2 KL(teacher_T || student_T) per token, averaged over each sequence of ``seqs`` -> [len(seqs)]."""
+    out = [torch.zeros(0, dtype=torch.float64)]
     for s, e in _chunks(seqs.numel(), cfg.batch_size):
         ids = seqs[s:e]
-        total += float(distill_loss(targets.select(_rows(ids, input_ids.shape[1])), _logits(model, forward, input_ids[ids]),
-                                    cfg.temperature)) * ids.numel()
-    return total / seqs.numel()
+        t = targets.select(_rows(ids, input_ids.shape[1]))
+        kl = coarse_kl(t, _logits(model, forward, input_ids[ids]) / cfg.temperature) * cfg.temperature**2
+        out.append(kl.reshape(ids.numel(), -1).double().mean(1))
+    return torch.cat(out)
 
 
 def heal_end_to_end(student: nn.Module, layers_name: str, router_paths: list[str], input_ids: torch.Tensor,
                     targets: TeacherTargets, cfg: HealConfig, work: Path, storage_dtype: torch.dtype,
-                    progress: Progress | None = None) -> EndToEndRecord:
+                    progress: Progress | None = None, guard_count: int = 0) -> tuple[EndToEndRecord, ModelGuard | None]:
     """Train the selected tensors of the whole (float32, materialised) ``student`` on the teacher's targets.
 
-    Adapters are merged and the trained tensors rounded to ``storage_dtype`` in place; if the held-back KL
-    did not improve, the student's original tensors are put back (``kept`` False).
+    The last ``guard_count`` rows of ``input_ids`` (and ``targets``) are the teacher-sampled guard
+    sequences: never trained on, scored by the whole-model guard with the held-back calibration rows.
+    Adapters are merged and the trained tensors rounded to ``storage_dtype`` in place; if the guard does
+    not find the healed model clearly closer to the teacher on both sets, the student's original tensors
+    are put back (``kept`` False).
     """
     started = time.perf_counter()
     student.eval()
@@ -710,11 +827,17 @@ def heal_end_to_end(student: nn.Module, layers_name: str, router_paths: list[str
     trainables = select_trainables(student, router_paths, what, cfg.lora_rank, generator, prefix=layers_name + ".")
     check_trainables(set(trainables.kinds), cfg.train, "the student")
     original = {n: p.detach().clone() for n, p in trainables.direct.items()}
-    train_ids, held_ids = split_sequences(input_ids.shape[0], cfg.holdout_fraction, cfg.seed)
+    n_calib = input_ids.shape[0] - guard_count
+    train_ids, held_ids = split_sequences(n_calib, cfg.holdout_fraction, cfg.seed)
+    guard_rows = torch.arange(n_calib, input_ids.shape[0])
     seqlen = input_ids.shape[1]
     checkpointer = Checkpointer(work / "ckpt-end-to-end.pt", trainables, cfg.checkpoint_every)
     resumed = torch.load(checkpointer.path, weights_only=True) if checkpointer.path.is_file() else None
-    before = resumed["heldout_before"] if resumed else _mean_kl(trainables, student, input_ids, targets, held_ids, cfg)
+    if resumed:
+        before, before_sampled = resumed["heldout_before"], resumed["sampled_before"]
+    else:
+        before = _kl_per_sequence(trainables, student, input_ids, targets, held_ids, cfg)
+        before_sampled = _kl_per_sequence(trainables, student, input_ids, targets, guard_rows, cfg)
 
     def batch_loss(rows: torch.Tensor) -> torch.Tensor:
         seqs = train_ids[rows]
@@ -723,17 +846,20 @@ def heal_end_to_end(student: nn.Module, layers_name: str, router_paths: list[str
     if progress is not None and getattr(progress, "relabel", None) is not None:
         progress.relabel("heal end-to-end")
     try:
-        losses = train(trainables, batch_loss, train_ids.numel(), cfg, cfg.seed, checkpointer, {"heldout_before": before},
+        losses = train(trainables, batch_loss, train_ids.numel(), cfg, cfg.seed, checkpointer,
+                       {"heldout_before": before, "sampled_before": before_sampled},
                        (lambda step: progress(step, cfg.steps)) if progress else None)
     finally:
         trainables.freeze()
-    after = _mean_kl(trainables, student, input_ids, targets, held_ids, cfg)
-    kept = not (after >= before)
+    after = _kl_per_sequence(trainables, student, input_ids, targets, held_ids, cfg)
+    after_sampled = _kl_per_sequence(trainables, student, input_ids, targets, guard_rows, cfg)
+    guard = judge((before, after), (before_sampled, after_sampled), cfg.guard_z)
     n_params = trainables.numel()
-    finish(trainables, original, kept, storage_dtype)
+    finish(trainables, original, guard.kept, storage_dtype)
     checkpointer.clear()
-    return EndToEndRecord(dict(sorted(trainables.kinds.items())), n_params, cfg.steps, losses[0], losses[-1], before,
-                          after if kept else before, kept, round(time.perf_counter() - started, 2))
+    record = EndToEndRecord(dict(sorted(trainables.kinds.items())), n_params, cfg.steps, losses[0], losses[-1], guard.kl_student,
+                            guard.kl_healed if guard.kept else guard.kl_student, guard.kept, round(time.perf_counter() - started, 2))
+    return record, (guard if held_ids.numel() or guard_count else None)
 
 
 def estimate_end_to_end_bytes(model_bytes_fp32: int, trainable_lora_bytes: int, batch_tokens: int, num_layers: int, hidden: int,

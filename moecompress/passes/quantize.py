@@ -69,9 +69,10 @@ ERROR_TOKENS = 4096  # tokens per RTN expert the report's relative output error 
 
 
 # The default chunk budget per solver device. On CUDA large batches amortize kernel launches. On the
-# CPU the batched solve ran as fast with 8 experts per chunk as with 16 (testbed, 1 and 2 threads:
-# 1.78-1.87 s either way) while each chunk's state adds to the peak (-30 MB RSS at 32 MB vs 4096 MB).
-SOLVE_MEMORY_MB_DEFAULT = {"cuda": 4096, "cpu": 32}
+# CPU the batched solve ran as fast with 4 or 8 experts per chunk as with 16 (testbed, 1 and 2 threads:
+# solve 1.8-2.9 s either way, within run-to-run noise) while each chunk's state adds to the peak:
+# W3 peak RSS 591-600 MiB at 16 MB (4 experts), 627-637 at 32 MB, 657-697 at 4096 MB (all 16).
+SOLVE_MEMORY_MB_DEFAULT = {"cuda": 4096, "cpu": 16}
 
 
 def solve_memory_mb_for(cfg: "QuantizeConfig", device: torch.device) -> int:

@@ -58,8 +58,11 @@ def root(tmp_path_factory):
 
 
 def _options(root: Path, **kw) -> HealOptions:
+    # guard_samples=0: these tests check the training itself on template text; the tiny teacher is random, so
+    # its own samples are noise unrelated to that text (the guard on teacher samples is tested below); guard_z=0:
+    # with 2 held-back sequences a noise margin means little, the decrease alone decides (the old rule).
     base = dict(teacher=str(root / "teacher"), calib=str(root / "calib.txt"), nsamples=16, seqlen=32, steps=30, lr=1e-2,
-                batch_size=4, checkpoint_every=5)
+                batch_size=4, checkpoint_every=5, guard_samples=0, guard_z=0.0)
     return HealOptions(**{**base, **kw})
 
 
@@ -192,6 +195,36 @@ def test_end_to_end_resumes_from_its_checkpoint(root, tmp_path):
     assert _files(tmp_path / "resumed") == _files(tmp_path / "straight")
 
 
+def _tensors(folder: Path) -> dict[str, torch.Tensor]:
+    return {k: v for f in sorted(folder.glob("*.safetensors")) for k, v in load_file(str(f)).items()}
+
+
+@pytest.mark.parametrize("mode, lr", [("blockwise", 1e-2), ("end-to-end", 3e-2)])
+def test_a_heal_that_only_fits_the_calibration_text_is_not_kept(root, tmp_path, mode, lr):
+    """Healing on narrow template text lowers the held-back calibration KL but raises the KL on text
+    sampled from the teacher: the guard (default z) writes the student unchanged (sampling is seeded: same bytes)."""
+    opts = _options(root, mode=mode, lr=lr, guard_samples=8, guard_z=HealOptions().guard_z, steps=40)
+    result = heal(root / "pruned", tmp_path / "a", opts)
+    g = result.summary["model_guard"]
+    assert g["kl_healed"] < 0.8 * g["kl_student"]  # the calibration text alone would have accepted it
+    assert g["kl_healed_sampled"] > g["kl_student_sampled"]  # ... the teacher's own distribution got worse
+    assert not g["kept"]
+    student, out = _tensors(root / "pruned"), _tensors(tmp_path / "a")
+    assert student.keys() == out.keys() and all(torch.equal(student[k], out[k]) for k in student)
+    assert "teacher-sampled" in (tmp_path / "a" / "report.md").read_text()
+    heal(root / "pruned", tmp_path / "b", opts)
+    assert _files(tmp_path / "b") == _files(tmp_path / "a")
+
+
+def test_a_heal_on_the_teachers_own_samples_passes_the_guard(root, tmp_path):
+    opts = _options(root, mode="end-to-end", calib="sample", guard_samples=8, guard_z=HealOptions().guard_z, steps=40)
+    result = heal(root / "pruned", tmp_path / "s", opts)
+    g = result.summary["model_guard"]
+    assert g["kept"] and g["kl_healed_sampled"] < g["kl_student_sampled"] - 2 * g["se_sampled"]
+    assert not torch.equal(_tensors(root / "pruned")["model.layers.0.mlp.gate.weight"],
+                           _tensors(tmp_path / "s")["model.layers.0.mlp.gate.weight"])
+
+
 def test_end_to_end_is_refused_up_front_when_it_does_not_fit(root, tmp_path, monkeypatch):
     monkeypatch.setattr(distill_ces, "available_memory_bytes", lambda: 1024)
     with pytest.raises(MoeCompressError, match="whole student"):
@@ -211,13 +244,33 @@ def test_exact_router_merge_stays_a_loadable_native_checkpoint(root, tmp_path):
     assert _kl_to_teacher(root, out) < _kl_to_teacher(root, root / "merged-exact")
 
 
-def test_compressed_experts_ces_train(root, tmp_path):
+@pytest.fixture(scope="module")
+def ce_student(root):
     from moecompress.api.compress_experts import compress_experts_job
     from moecompress.passes.compressed_experts import CompressExpertsConfig
 
     ids = torch.randint(3, 200, (8, 32), generator=torch.Generator().manual_seed(8))
-    compress_experts_job(root / "teacher", tmp_path / "ce", CompressExpertsConfig(n_ce=1, fit_steps=0), ids, {"source": "test"})
-    result = heal(tmp_path / "ce", tmp_path / "ce-healed", _options(root, train="ces,routers", steps=20))
+    compress_experts_job(root / "teacher", root / "ce", CompressExpertsConfig(n_ce=1, fit_steps=0), ids, {"source": "test"})
+    return root / "ce"
+
+
+def test_lora_is_not_offered_inside_compressed_experts_blocks(root, ce_student, tmp_path):
+    """The block computes its experts from detached weight slices (ExpertsView reads ``param.data``): no
+    gradient reaches the expert weights, so adapters there would train nothing. If that changes, this
+    test fails and LoRA can be allowed there again."""
+    model = AutoModelForCausalLM.from_pretrained(str(ce_student))
+    model(input_ids=torch.tensor([[5, 6, 7, 8]])).logits.sum().backward()
+    experts = [m for n, m in model.named_modules() if n.endswith("mlp.experts")]
+    assert experts and all(m.gate_up_proj.grad is None and m.down_proj.grad is None for m in experts)
+    assert any(p.grad is not None for n, p in model.named_parameters() if n.endswith(".ces"))
+    result = heal(ce_student, tmp_path / "default", _options(root, steps=2))
+    assert all("lora" not in r["trained"] and "ces" in r["trained"] for r in result.summary["records"])
+    with pytest.raises(MoeCompressError, match="compressed-experts blocks"):
+        heal(ce_student, tmp_path / "lora", _options(root, train="lora"))
+
+
+def test_compressed_experts_ces_train(root, ce_student, tmp_path):
+    result = heal(ce_student, tmp_path / "ce-healed", _options(root, train="ces,routers", steps=20))
     assert all(r["trained"] == {"ces": 1, "routers": 1} for r in result.summary["records"])
     ces = {k: v for f in (tmp_path / "ce-healed").glob("*.safetensors") for k, v in load_file(str(f)).items() if k.endswith(".ces")}
     assert len(ces) == 3 and any(not torch.equal(v, torch.ones_like(v)) for v in ces.values())
@@ -234,6 +287,9 @@ def test_dry_run_writes_nothing(root, tmp_path):
     (dict(train="ces"), "no compressed experts"),
     (dict(train="lora,embeddings"), "--train"),
     (dict(mode="sideways"), "--mode"),
+    (dict(guard_samples=-1), "--guard-samples"),
+    (dict(guard_z=-1.0), "--guard-z"),
+    (dict(schedule="linear"), "--schedule"),
 ])
 def test_bad_requests_are_refused_before_any_work(root, tmp_path, kw, match):
     with pytest.raises(MoeCompressError, match=match):

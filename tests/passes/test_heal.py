@@ -15,7 +15,10 @@ from moecompress.passes.heal import (
     HiddenStore,
     available_kinds,
     check_trainables,
+    clearly_lower,
     distill_loss,
+    guard_keeps,
+    lr_factor,
     lora_init,
     merge_lora,
     normalized_mse,
@@ -89,9 +92,61 @@ def test_resumed_adam_equals_an_uninterrupted_run():
     assert torch.equal(w3.detach(), w1.detach())
 
 
+@pytest.mark.parametrize("schedule", ["constant", "cosine"])
+def test_resumed_adam_follows_the_schedule_exactly(schedule):
+    target = torch.randn(12, 4, generator=torch.Generator().manual_seed(2))
+    scale = lambda step: lr_factor(step, 20, schedule)  # noqa: E731 - a function of the step only
+
+    def run(w, steps, **kw):
+        return resumable_adam([w], lambda rows: (target[rows] - w).pow(2).mean(), 12, 5, steps, 0.05, seed=3, lr_scale=scale, **kw)
+
+    w1 = torch.zeros(4, requires_grad=True)
+    full = run(w1, 20)
+    saved = {}
+    w2 = torch.zeros(4, requires_grad=True)
+    run(w2, 8, after_step=lambda step, opt, losses: saved.update(w=w2.detach().clone(), opt=opt.state_dict(), losses=list(losses)))
+    w3 = saved["w"].clone().requires_grad_(True)
+    assert run(w3, 20, start_step=8, optimizer_state=saved["opt"], losses=saved["losses"]) == full
+    assert torch.equal(w3.detach(), w1.detach())
+    w4 = torch.zeros(4, requires_grad=True)
+    plain = resumable_adam([w4], lambda rows: (target[rows] - w4).pow(2).mean(), 12, 5, 20, 0.05, seed=3)
+    assert (plain == full) == (schedule == "constant")  # the schedule really changes the steps
+
+
+def test_cosine_schedule_warms_up_then_decays_to_zero():
+    factors = [lr_factor(s, 100, "cosine") for s in range(100)]
+    assert factors[:5] == [0.2, 0.4, 0.6, 0.8, 1.0]  # linear warmup over 5% of the steps
+    assert all(a >= b for a, b in zip(factors[4:], factors[5:]))  # then never increases
+    assert factors[-1] < 1e-3
+    # a half cosine over the 95 decay steps: point-symmetric about its middle (f(5 + k) + f(100 - k) = 1)
+    assert all(abs(lr_factor(5 + k, 100, "cosine") + lr_factor(100 - k, 100, "cosine") - 1) < 1e-12 for k in range(96))
+    assert {lr_factor(s, 100, "constant") for s in range(100)} == {1.0}
+
+
+def test_clearly_lower_asks_for_a_decrease_beyond_the_noise_of_the_paired_differences():
+    before = torch.tensor([1.0, 1.2, 0.9, 1.1, 1.0, 1.3])
+    assert clearly_lower(before, before - 0.05, 2.0)  # every sequence a bit lower: no noise at all
+    noisy = before - torch.tensor([0.3, -0.2, 0.25, -0.15, 0.2, -0.1])  # mean decrease 0.05, spread 0.23
+    assert clearly_lower(before, noisy, 0.0) and not clearly_lower(before, noisy, 2.0)
+    assert not clearly_lower(before, before, 0.0)  # unchanged is not better
+    assert not clearly_lower(before, before + 0.01, 0.0)
+    assert clearly_lower(torch.tensor([1.0]), torch.tensor([0.9]), 2.0)  # one sequence: the decrease alone
+    assert clearly_lower(torch.zeros(0), torch.zeros(0), 2.0)  # nothing to check
+
+
+def test_the_guard_needs_both_the_calibration_and_the_teacher_sampled_kl_to_drop():
+    before = torch.tensor([0.10, 0.12, 0.09, 0.11])
+    better, worse = (before, before * 0.9), (before, before * 1.02)
+    assert guard_keeps(better, better, 2.0)
+    assert not guard_keeps(better, worse, 2.0)  # calibration better, the teacher's own text worse
+    assert not guard_keeps(worse, better, 2.0)
+    assert guard_keeps(better, (torch.zeros(0), torch.zeros(0)), 2.0)  # no guard samples: calibration only
+
+
 def test_config_refuses_bad_values():
     for bad in (dict(mode="sideways"), dict(train=("lora", "embeddings")), dict(steps=0), dict(lr=0.0), dict(lora_rank=0),
-                dict(holdout_fraction=0.9), dict(temperature=-1.0)):
+                dict(holdout_fraction=0.9), dict(temperature=-1.0), dict(guard_samples=-1), dict(guard_z=-0.5),
+                dict(schedule="linear")):
         with pytest.raises(MoeCompressError):
             HealConfig(**bad).validate()
     HealConfig().validate()
@@ -136,3 +191,20 @@ def test_hidden_store_round_trips_rows(tmp_path):
     assert torch.equal(store.read("teacher", 1, torch.tensor([4, 0])), data[[4, 0]])
     store.delete_before(2)
     assert not store.exists("teacher", 1)
+
+
+def test_the_adapters_train_at_their_own_learning_rate():
+    """--lora-lr: Adam moves each adapter entry by at most ~lora_lr per step, the direct tensors by ~lr."""
+    model = build_tiny_model("qwen3_moe", seed=0)
+    ids = torch.randint(3, 250, (2, 12), generator=torch.Generator().manual_seed(4))
+    tr = select_trainables(model, _routers(model), ("routers", "lora"), 4, torch.Generator().manual_seed(0), prefix="model.layers.")
+    routers0 = {n: p.detach().clone() for n, p in tr.direct.items()}
+    groups = tr.param_groups(1e-2, 1e-5)
+    assert [g["lr"] for g in groups] == [1e-2, 1e-5]
+    assert [t for g in groups for t in g["params"]] == tr.parameters()  # the order checkpoints rely on
+    resumable_adam(groups, lambda rows: tr(input_ids=ids[rows]).logits.pow(2).mean(), 2, 2, 5, 1.0, seed=0)
+    lora_b_move = max(float(b.abs().max()) for _a, b in tr.lora.values())
+    router_move = max(float((p - routers0[n]).abs().max()) for n, p in tr.direct.items())
+    assert 0 < lora_b_move <= 5 * 1e-5 * 1.01  # B starts at 0
+    assert router_move > 5 * 1e-5 * 10
+    assert tr.param_groups(1e-2, None)[1]["lr"] == 1e-2  # default: the adapters share --lr
