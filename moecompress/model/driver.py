@@ -122,11 +122,15 @@ class LayerContext:
             if stop_at is not None:
                 return self._run_until(stop_at)
             outputs = []
-            for b, kw in enumerate(self.kwargs):
-                outputs.append(self.stored(_layer_output(self.layer(self.computable(self.inputs[b]), **kw))))
+            for b in range(len(self.kwargs)):
+                outputs.append(self.run_batch(b))
                 if release_inputs:
                     self.inputs[b] = None
             return outputs
+
+    def run_batch(self, b: int) -> torch.Tensor:
+        """The layer's output on batch ``b``, as it is kept between layers."""
+        return self.stored(_layer_output(self.layer(self.computable(self.inputs[b]), **self.kwargs[b])))
 
     def computable(self, hidden: torch.Tensor) -> torch.Tensor:
         """A stored activation in the dtype the layer computes in."""
@@ -168,9 +172,9 @@ def rerun_shared(ctx: LayerContext, ranks: parallel.Ranks) -> list[torch.Tensor]
     owner = [b % ranks.world for b in range(len(ctx.inputs))]
     mine = {}
     with torch.no_grad():
-        for b, kw in enumerate(ctx.kwargs):
+        for b in range(len(owner)):
             if owner[b] == ranks.rank:
-                mine[b] = ({"out": ctx.stored(_layer_output(ctx.layer(ctx.computable(ctx.inputs[b]), **kw)))}, None)
+                mine[b] = ({"out": ctx.run_batch(b)}, None)
     for b in range(len(ctx.inputs)):
         ctx.inputs[b] = None
     shared = parallel.share_results(mine, owner, ranks)
