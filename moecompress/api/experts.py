@@ -271,18 +271,50 @@ def _common_details(command: str, model_folder: Path, stage: Path, method: str, 
     }
 
 
-def _write_checkpoint(lm: LayerwiseModel, model_folder: Path, stage: Path, passes: list, expert_count: int,
-                      calibration: torch.Tensor | None, source: StatsSource, progress: Progress | None,
-                      details: Callable[[Path], dict], write_report: Callable[[Path, dict], Path],
-                      eval_request: EvalRequest | None, native: Callable[[], dict | None] | None = None) -> JobResult:
+@dataclass
+class ExpertRewrite:
+    """What a prune or merge job does to each decoder layer, apart from where the layers are written.
+
+    :meth:`PruneJob.plan` / :meth:`MergeJob.plan` build it (statistics read or collected, the passes
+    made); the job's own :meth:`write` sweeps it into a standard checkpoint, and a pipeline may run its
+    passes in front of the quantizer's in one sweep instead (:mod:`moecompress.pipeline.run`).
+    """
+
+    lm: LayerwiseModel
+    passes: list  # the pruner or merger, then the refit
+    calibration: torch.Tensor | None  # token ids the passes need activations of; None: the statistics suffice
+    batch_size: int
+    expert_count: int  # experts per MoE layer in the written config
+    details: Callable[[Path], dict]  # the job's summary; writes kept_experts.json into the folder given
+    write_report: Callable[[Path, dict], Path]
+    eval_request: EvalRequest | None
+    native: Callable[[], dict | None] | None  # the quantization_config of an exact-router merge
+    stats_seconds: float
+
+    def config(self):
+        """The model's config as the rewrite leaves it (the new expert count)."""
+        return with_expert_count(self.lm.config, self.expert_count)
+
+    def report(self, folder: Path, fused_with: str) -> dict:
+        """Write kept_experts.json and report.md into ``folder`` when the rewritten model was not written
+        on its own but went on through ``fused_with`` in the same sweep; the summary."""
+        summary = self.details(folder)
+        summary["output_bytes"] = None
+        summary["fused_with"] = fused_with
+        self.write_report(folder / "report.md", summary)
+        return summary
+
+
+def _write_checkpoint(plan: ExpertRewrite, model_folder: Path, stage: Path, progress: Progress | None) -> JobResult:
     """What prune and merge do after planning: the rewrite sweep into the staging folder, the job's own
     files and summary (``details``), the optional evaluation and the report."""
-    _rewrite(lm, model_folder, stage, passes, with_expert_count(lm.config, expert_count), progress,
-             calibration, source.batch_size, native)
-    summary = details(stage)
-    summary["eval"] = _evaluate_pair(model_folder, stage, eval_request)
-    write_report(stage / "report.md", summary)
-    return JobResult(None, summary)
+    _rewrite(plan.lm, model_folder, stage, plan.passes, plan.config(), progress, plan.calibration, plan.batch_size, plan.native)
+    summary = plan.details(stage)
+    summary["eval"] = _evaluate_pair(model_folder, stage, plan.eval_request)
+    plan.write_report(stage / "report.md", summary)
+    result = JobResult(None, summary)
+    result.run["stats_seconds"] = round(plan.stats_seconds, 2)
+    return result
 
 
 # ----------------------------------------------------------------------------- prune
@@ -313,7 +345,8 @@ class PruneJob:
             self.refit.validate()
         _prepare("prune", self.model, self.source, self.eval_request, lambda lm: check_prune_request(lm, self.cfg))
 
-    def write(self, stage: Path, progress: Progress | None) -> JobResult:
+    def plan(self, progress: Progress | None = None) -> ExpertRewrite:
+        """Statistics (read or collected) and the passes of the rewrite sweep."""
         cfg, source, refit, model_folder = self.cfg, self.source, self.refit, self.model
         lm, target = _prepare("prune", model_folder, source, self.eval_request, lambda lm: check_prune_request(lm, cfg))
         calibration_cache = CalibrationCache(model_folder, source, self.announce)
@@ -323,6 +356,7 @@ class PruneJob:
         pruner = PrunePass.from_stats(cfg, stats, lm.config)
         refitters, calibration = _refit_passes(refit, calibration_cache)
         before = config_expert_count(lm.config)
+        self.pass_ = pruner
 
         def details(stage_path: Path) -> dict:
             write_kept_experts(stage_path, kept_experts_record(
@@ -343,13 +377,11 @@ class PruneJob:
                 "refit": _refit_details(refit, refitters, source),
             }
 
-        result = _write_checkpoint(
-            lm, model_folder, stage, [pruner, *refitters], target, calibration, source, progress,
-            details, lambda path, d: write_prune_report(path, d, pruner), self.eval_request,
-        )
-        result.run["stats_seconds"] = round(stats_seconds, 2)
-        self.pass_ = pruner
-        return result
+        return ExpertRewrite(lm, [pruner, *refitters], calibration, source.batch_size, target, details,
+                             lambda path, d: write_prune_report(path, d, pruner), self.eval_request, None, stats_seconds)
+
+    def write(self, stage: Path, progress: Progress | None) -> JobResult:
+        return _write_checkpoint(self.plan(progress), self.model, stage, progress)
 
 
 def check_merge_request(lm: LayerwiseModel, cfg: MergeConfig) -> int:
@@ -396,7 +428,8 @@ class MergeJob:
             self.refit.validate()
         _prepare("merge", self.model, self.source, self.eval_request, lambda lm: check_merge_request(lm, self.cfg))
 
-    def write(self, stage: Path, progress: Progress | None) -> JobResult:
+    def plan(self, progress: Progress | None = None) -> ExpertRewrite:
+        """Statistics (read or collected) and the passes of the rewrite sweep."""
         cfg, source, refit, model_folder = self.cfg, self.source, self.refit, self.model
         lm, slots = _prepare("merge", model_folder, source, self.eval_request, lambda lm: check_merge_request(lm, cfg))
         calibration_cache = CalibrationCache(model_folder, source, self.announce)
@@ -407,6 +440,7 @@ class MergeJob:
         shared = merger.groups_of if cfg.router == "exact-slots" else None  # a group's slots share one expert
         refitters, calibration = _refit_passes(refit, calibration_cache, shared, cfg.needs_activations)
         before = config_expert_count(lm.config)
+        self.pass_ = merger
 
         def details(stage_path: Path) -> dict:
             write_kept_experts(stage_path, kept_experts_record(
@@ -431,22 +465,19 @@ class MergeJob:
                 "refit": _refit_details(refit, refitters, source),
             }
 
-        def native() -> dict | None:
-            if cfg.router != "exact":
-                return None
+        def native() -> dict:
             return MoeCompressConfig(
                 expert_groups=expert_groups_map(lm, merger),
                 provenance={"tool": f"moecompress {moecompress.__version__}", "method": f"merge-{cfg.method}",
                             "router": cfg.router, "source_model": model_folder.resolve().name},
             ).to_dict()
 
-        result = _write_checkpoint(
-            lm, model_folder, stage, [merger, *refitters], slots, calibration, source, progress,
-            details, lambda path, d: write_merge_report(path, d, merger), self.eval_request, native,
-        )
-        result.run["stats_seconds"] = round(stats_seconds, 2)
-        self.pass_ = merger
-        return result
+        return ExpertRewrite(lm, [merger, *refitters], calibration, source.batch_size, slots, details,
+                             lambda path, d: write_merge_report(path, d, merger), self.eval_request,
+                             native if cfg.router == "exact" else None, stats_seconds)
+
+    def write(self, stage: Path, progress: Progress | None) -> JobResult:
+        return _write_checkpoint(self.plan(progress), self.model, stage, progress)
 
 
 def expert_groups_map(lm: LayerwiseModel, merger: MergePass) -> dict[str, list[int]]:
@@ -477,7 +508,9 @@ def _summary_rows(d: dict) -> list[tuple[str, str]]:
         ("super experts (protected)", ", ".join(f"layer {s['layer']} expert {s['expert']}" for s in d["super_experts"]) or "none"),
         ("output refit", "on (see the section below)" if d.get("refit") else "off (the method alone)"),
         ("checkpoint size", f"{d['input_bytes'] / 2**20:.2f} MiB -> {d['output_bytes'] / 2**20:.2f} MiB "
-                            f"({100 * (d['output_bytes'] / d['input_bytes'] - 1):+.1f}%)"),
+                            f"({100 * (d['output_bytes'] / d['input_bytes'] - 1):+.1f}%)" if d["output_bytes"] is not None
+                            else f"{d['input_bytes'] / 2**20:.2f} MiB -> not written: each rewritten layer went on "
+                                 f"through {d['fused_with']} in the same sweep"),
         ("written by", f"moecompress {moecompress.__version__}"),
     ]
     ev = d.get("eval")

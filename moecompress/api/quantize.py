@@ -17,6 +17,7 @@ import torch
 import moecompress
 from moecompress.parallel import current as current_ranks
 from moecompress.api.calibration import CalibrationSpec, dummy_batch, load_for_model
+from moecompress.api.experts import ExpertRewrite
 from moecompress.api.job import JobResult, Progress, execute, labelled, model_label, require_choice, require_float, require_int
 from moecompress.api.output import scratch_folder
 from moecompress.errors import MoeCompressError
@@ -25,6 +26,7 @@ from moecompress.export.writer import CheckpointWriter, outer_state
 from moecompress.model.driver import LayerContext, run_layerwise
 from moecompress.model.loading import LayerwiseModel, read_config
 from moecompress.passes.quantize import QuantizeConfig, QuantizePass
+from moecompress.passes.storage_rounding import StorageRounding
 from moecompress.quant.hf_integration import MoeCompressConfig, native_config
 
 FORMATS = ("native", "compressed-tensors")
@@ -265,10 +267,14 @@ class QuantizeOptions:
 
 def write_quantized(model_folder: str | Path, target: Path, cfg: QuantizeConfig, input_ids: torch.Tensor | None,
                     calibration: dict, batch_size: int = 8, progress: Progress | None = None,
-                    extra: dict | None = None) -> QuantizePass:
-    """Quantize ``model_folder`` into the (empty, existing) folder ``target`` as a native checkpoint."""
+                    extra: dict | None = None, rewrite: ExpertRewrite | None = None) -> QuantizePass:
+    """Quantize ``model_folder`` into the (empty, existing) folder ``target`` as a native checkpoint.
+
+    ``rewrite``: a prune or merge planned on ``model_folder`` (:meth:`PruneJob.plan`) whose passes run
+    first on each layer of the same sweep; the quantizer then observes the rewritten layer, and only
+    the quantized model is written (a pipeline's fused ``prune -> quantize``)."""
     cfg.validate()
-    lm = LayerwiseModel(model_folder)
+    lm = rewrite.lm if rewrite is not None else LayerwiseModel(model_folder)
     lm.require_dense("quantize")
     if input_ids is None:
         if cfg.method != "rtn":
@@ -277,6 +283,11 @@ def write_quantized(model_folder: str | Path, target: Path, cfg: QuantizeConfig,
     out_dtype = lm.checkpoint_dtype
     qpass = QuantizePass(cfg, lm.config, dtype=out_dtype)
     writer = CheckpointWriter(target, lm.model, out_dtype)
+    passes: list = [qpass]
+    if rewrite is not None:
+        check_fusable(rewrite, input_ids, batch_size)
+        # The quantizer sees the rewritten weights as the rewrite's own checkpoint would hold them.
+        passes = [*rewrite.passes, StorageRounding(out_dtype), qpass]
 
     def write_layer(ctx: LayerContext) -> None:
         writer.write_module(f"{lm.view.layers_name}.{ctx.index}", ctx.layer, f"layer-{ctx.index:05d}.safetensors")
@@ -285,7 +296,7 @@ def write_quantized(model_folder: str | Path, target: Path, cfg: QuantizeConfig,
     # layers compute in float32): half the memory of the largest buffers. float16 checkpoints keep
     # float32 storage, since float32 intermediate values may leave float16's range.
     storage = torch.bfloat16 if out_dtype == torch.bfloat16 else None
-    run_layerwise(lm, input_ids, [qpass], batch_size=batch_size, on_layer_done=write_layer, progress=progress,
+    run_layerwise(lm, input_ids, passes, batch_size=batch_size, on_layer_done=write_layer, progress=progress,
                   storage_dtype=storage)
     lm.load_outer()
     writer.write_tensors(outer_state(lm.model, lm.view.layers_name), "outer.safetensors")
@@ -307,11 +318,22 @@ def write_quantized(model_folder: str | Path, target: Path, cfg: QuantizeConfig,
         extra=extra or {},
         expert_groups=lm.expert_groups,  # an exact-router merge stays one after quantization
     )
-    config = lm.config
+    config = rewrite.config() if rewrite is not None else lm.config
     config.quantization_config = qconfig.to_dict()
     config.dtype = out_dtype
     writer.finish(config, Path(model_folder))
     return qpass
+
+
+def check_fusable(rewrite: ExpertRewrite, input_ids: torch.Tensor, batch_size: int) -> None:
+    """A rewrite that reads activations (refit, fitted routers) must see the quantizer's calibration
+    batches, since one sweep carries one calibration set. The pipeline fuses only such pairs."""
+    if rewrite.native is not None:
+        raise MoeCompressError("an exact-router merge cannot run in the quantizer's sweep; quantize its output")
+    if rewrite.calibration is None:
+        return
+    if rewrite.batch_size != batch_size or not torch.equal(rewrite.calibration, input_ids):
+        raise MoeCompressError("the rewrite and the quantizer need the same calibration set and batch size to share a sweep")
 
 
 def write_mixed_precision(
@@ -380,6 +402,8 @@ def write_mixed_precision(
 
 class QuantizeJob:
     command = "quantize"
+    # A prune or merge of ``model`` to run in this job's sweep (a pipeline's fused pair); see write_quantized.
+    rewrite: ExpertRewrite | None = None
 
     def __init__(self, model: str | Path, options: QuantizeOptions, announce=None):
         self.model = Path(model)
@@ -442,7 +466,9 @@ class QuantizeJob:
     def _write_native(self, target: Path, cfg, mp, ids, calibration, progress):
         o = self.options
         if mp is None:
-            return write_quantized(self.model, target, cfg, ids, calibration, o.batch_size, progress), None
+            return write_quantized(self.model, target, cfg, ids, calibration, o.batch_size, progress, rewrite=self.rewrite), None
+        if self.rewrite is not None:  # the allocation needs a profile of the rewritten model: its own sweep
+            raise MoeCompressError("--bits-budget cannot share the sweep of a prune or merge; quantize their output")
         qpass, mp_result = write_mixed_precision(
             self.model, target, mp, cfg, ids, calibration, stats_dir=o.stats, batch_size=o.batch_size,
             progress=labelled(progress, "quantizing"), profile_progress=labelled(progress, "profiling"),

@@ -42,8 +42,20 @@ class StatsOptions:
         require_int("coverage_layer", self.coverage_layer, 0)
 
 
+@dataclass(frozen=True)
+class ProfileRequest:
+    """A mixed-precision profile to measure in the statistics sweep (a pipeline's later ``quantize``
+    with a bit budget on the same calibration set): saved beside the statistics, where that quantize
+    pass finds and reuses it instead of sweeping the model again."""
+
+    cfg: object  # QuantizeConfig
+    bit_choices: tuple[int, ...]
+    method: str
+
+
 class StatsJob:
     command = "stats"
+    profile: ProfileRequest | None = None
 
     def __init__(self, model: str | Path, options: StatsOptions, announce=None):
         self.model, self.options, self.announce = Path(model), options, announce
@@ -66,19 +78,38 @@ class StatsJob:
 
         o = self.options
         lm = LayerwiseModel(self.model)
-        calib, _ = load_for_model(self.model, o.calibration(), self.announce)
+        calib, description = load_for_model(self.model, o.calibration(), self.announce)
+        profiler = None
+        if self.profile is not None:
+            from moecompress.passes.profile import ProfilePass
+
+            profiler = ProfilePass(self.profile.cfg, self.profile.bit_choices, self.profile.method)
         result = collect_stats(
             lm, calib, batch_size=o.batch_size, progress=progress, super_expert_percentile=o.super_percentile,
             super_expert_ratio=o.super_ratio, coverage_threshold=o.coverage_threshold,
+            also=[profiler] if profiler is not None else [],
         )
         result.calibration["seed"] = o.seed
         result.save(stage)
+        if profiler is not None:
+            self._save_profile(stage, lm, profiler, description, result.seconds)
         write_stats_report(result, stage, o.coverage_layer)
         self.stats = result
         job_result = JobResult(None, result.to_json())
         if result.seconds:
             job_result.run["tokens_per_second"] = round(result.calibration.get("tokens", 0) / result.seconds, 1)
         return job_result
+
+
+    def _save_profile(self, stage: Path, lm: LayerwiseModel, profiler, description: dict, seconds: float | None) -> None:
+        from moecompress.passes.profile import ExpertProfile
+
+        r = self.profile
+        ExpertProfile(
+            model=Path(lm.folder).resolve().name, num_layers=lm.view.num_layers, bit_choices=r.bit_choices,
+            method=r.method, group_size=r.cfg.group_size, symmetric=r.cfg.symmetric, calibration=description,
+            layers=profiler.layers, seconds=seconds,
+        ).save(stage)
 
 
 def stats(model: str | Path, out: str | Path, options: StatsOptions | None = None, *, overwrite: bool = False,

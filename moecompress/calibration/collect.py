@@ -182,11 +182,14 @@ def collect_stats(
     super_expert_percentile: float = 99.5,
     super_expert_ratio: float = 0.1,
     coverage_threshold: float = 0.1,
+    also: list = (),
 ) -> RouterStats:
     """Router/expert statistics of every MoE layer over ``calib.input_ids [n, Lq]``, layer by layer.
 
     Peak memory is about one decoder layer plus the calibration activations. ``progress(done, total)``
-    is called after each decoder layer. Also detects super experts and expert coverage.
+    is called after each decoder layer. Also detects super experts and expert coverage. ``also``:
+    other observing passes (that change no weight) sharing the sweep's layer forwards, e.g. the
+    mixed-precision profile of a pipeline's later quantize pass.
     """
     if batch_size < 1:
         raise MoeCompressError(f"batch size must be at least 1, got {batch_size}")
@@ -204,7 +207,7 @@ def collect_stats(
     row_domains, domain_names = _row_domains(calib)
     collector = StatsCollector(row_domains, len(domain_names or []))
     start = time.perf_counter()
-    run_layerwise(lm, input_ids, passes=[collector], batch_size=batch_size, progress=progress)
+    run_layerwise(lm, input_ids, passes=[collector, *also], batch_size=batch_size, progress=progress)
     seconds = time.perf_counter() - start
     n, seqlen = input_ids.shape
     stats = RouterStats(

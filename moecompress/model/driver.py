@@ -184,11 +184,28 @@ def rerun_shared(ctx: LayerContext, ranks: parallel.Ranks) -> list[torch.Tensor]
 def observation_stop(passes: list, ctx: LayerContext) -> nn.Module | None:
     """Where the observation forward of ``ctx``'s layer may end: the module every pass names through
     its optional ``observation_end(ctx)`` (the module before which the pass has recorded all it needs,
-    and whose observation outputs it does not use); None, a full forward, unless all passes name the same one."""
+    and whose observation outputs it does not use; the layer itself when it needs no observation);
+    None, a full forward, unless all passes name the same one."""
     ends = [getattr(p, "observation_end", lambda _ctx: None)(ctx) for p in passes]
     if not ends or any(end is None or end is not ends[0] for end in ends):
         return None
     return ends[0]
+
+
+def observation_stages(passes: list) -> list[list]:
+    """``passes`` split where a pass must observe the layer as the passes before it left it.
+
+    A pass with ``observes_changes = True`` (the quantizer: its Hessians come from the routing of the
+    experts it will solve) starts a new stage when passes precede it: in one sweep, a pruned or merged
+    layer is then observed again before it is quantized, and written once. Every stage has its own
+    observation forward (cut short per :func:`observation_stop`) and its passes' ``process`` calls.
+    The default, one stage, is one observation forward shared by every pass."""
+    stages: list[list] = [[]]
+    for p in passes:
+        if getattr(p, "observes_changes", False) and stages[-1]:
+            stages.append([])
+        stages[-1].append(p)
+    return stages
 
 
 def _layer_output(out) -> torch.Tensor:
@@ -201,7 +218,8 @@ class LayerPass(Protocol):
     Optional: ``observation_end(ctx) -> nn.Module | None``, the module before which the pass has seen
     all it needs (see :func:`observation_stop`); a pass that uses the observation's outputs in
     ``process`` returns None or does not define it. ``rerun_context(ctx)``: a context manager the
-    driver enters around the re-run of a changed layer."""
+    driver enters around the re-run of a changed layer. ``observes_changes = True``: the pass observes
+    the layer as the passes before it in the list changed it (see :func:`observation_stages`)."""
 
     def attach(self, ctx: LayerContext) -> list:  # returns hook handles
         ...
@@ -317,18 +335,21 @@ def run_layerwise(
         with timer.phase("load"):
             layer = lm.load_layer(i)
         ctx = LayerContext(i, layer, lm.view.blocks.get(i), hidden, layer_kwargs[i], model=lm, timer=timer, storage_dtype=storage_dtype)
-        handles = [h for p in passes for h in (p.attach(ctx) or [])]
-        stop = observation_stop(passes, ctx)
-        try:
-            with timer.phase("forward"):
-                ctx.outputs = ctx.run(stop_at=stop)
-        finally:
-            for h in handles:
-                h.remove()
-        changed = False
-        for p in passes:
-            changed = bool(p.process(ctx)) or changed
-        if changed or stop is not None:  # the next layer's inputs: the outputs of the changed layer
+        outputs_current = False  # whether ctx.outputs are the layer's outputs as it is now
+        for stage in observation_stages(passes):
+            handles = [h for p in stage for h in (p.attach(ctx) or [])]
+            stop = observation_stop(stage, ctx)
+            try:
+                with timer.phase("forward"):
+                    ctx.outputs = ctx.run(stop_at=stop)
+            finally:
+                for h in handles:
+                    h.remove()
+            changed = False
+            for p in stage:
+                changed = bool(p.process(ctx)) or changed
+            outputs_current = stop is None and not changed
+        if not outputs_current:  # the next layer's inputs: the outputs of the changed layer
             with timer.phase("forward"), contextlib.ExitStack() as stack:
                 for p in passes:  # optional: a pass may set the layer up for the re-run (e.g. caches)
                     if hasattr(p, "rerun_context"):

@@ -443,6 +443,10 @@ class MergePass:
             handles.append(ctx.block.experts.module.register_forward_pre_hook(record_experts, with_kwargs=True))
         return handles
 
+    def observation_end(self, ctx: LayerContext):
+        """Without activations to record, the statistics are all it reads: no observation forward."""
+        return None if self.cfg.needs_activations else ctx.layer
+
     def groups_of(self, layer: int) -> list[list[int]] | None:
         """The groups this pass formed in ``layer`` (first member dominant), None before it ran there."""
         return next((r.groups for r in self.report.layers if r.layer == layer), None)

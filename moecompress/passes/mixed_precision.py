@@ -336,7 +336,9 @@ def super_experts_for(profile: ExpertProfile, stats_dir: str | Path | None) -> t
                 f"the statistics in {stats_dir} describe other experts than this model stores (MoE layers or expert counts "
                 "differ; e.g. they were collected before pruning or merging); collect statistics on this model"
             )
-        return list(stats.super_experts), f"{Path(stats_dir) / 'stats.json'}"
+        # The folder's name, not its path: a pipeline's statistics live in a staging folder of random
+        # name, and the checkpoint's config must be the same bytes run after run.
+        return list(stats.super_experts), f"{Path(stats_dir).name}/stats.json"
     return profile.super_experts(), "the profiling sweep's output_max"
 
 

@@ -287,6 +287,10 @@ class PrunePass:
     def attach(self, ctx: LayerContext) -> list:
         return []
 
+    def observation_end(self, ctx: LayerContext):
+        """The statistics are all it reads: no observation forward (see the driver's observation_stop)."""
+        return ctx.layer
+
     def process(self, ctx: LayerContext) -> bool:
         block = ctx.block
         if block is None:

@@ -558,6 +558,9 @@ def check_group_size_fits(cfg: QuantizeConfig, layers: nn.Module, blocks: dict, 
 class QuantizePass:
     """LayerPass quantizing routed experts (and optionally attention / shared experts) of each layer."""
 
+    # After a prune or merge pass in the same sweep, the Hessians must come from the layer as pruned.
+    observes_changes = True
+
     def __init__(self, cfg: QuantizeConfig, model_config, dtype: torch.dtype = torch.float32):
         cfg.validate()
         self.cfg = cfg

@@ -92,17 +92,42 @@ def _prevalidate_later_passes(p: Pipeline, model: Path) -> None:
 @dataclass
 class StepRecord:
     name: str
-    output_bytes: int
+    output_bytes: int | None  # None: not written on its own (fused with the next pass)
     seconds: float
+
+
+CALIBRATION_MATCH = ("calib", "nsamples", "seqlen", "seed", "batch_size")
+
+
+def fusion_blocker(rewrite_options, quantize_options) -> str | None:
+    """Why a prune or merge cannot run in the sweep of the quantize pass after it (None: it can).
+
+    Fused, each decoder layer is rewritten, observed again and quantized in one sweep, and only the
+    quantized model is written: one read and one write of the model fewer, and no intermediate
+    checkpoint on disk. Not fused: an evaluation of the rewrite's own output (it needs that output),
+    an exact-router merge (its expert -> group map is a native config of its own), a bit budget (the
+    allocation profiles the rewritten model in a sweep of its own), and a rewrite that reads
+    activations (refit, fitted routers, RegMean) on another calibration set than the quantizer's."""
+    if rewrite_options.eval_data is not None:
+        return "it evaluates its own output"
+    if getattr(rewrite_options, "router", None) == "exact":
+        return "an exact-router merge writes its own expert -> group map"
+    if quantize_options.mixed_precision_config() is not None:
+        return "the bit allocation profiles the rewritten model first"
+    needs = rewrite_options.refit or (hasattr(rewrite_options, "merge_config") and rewrite_options.merge_config().needs_activations)
+    if needs and any(getattr(rewrite_options, k) != getattr(quantize_options, k) for k in CALIBRATION_MATCH):
+        return "it reads activations of another calibration set or batch size than the quantizer"
+    return None
 
 
 class PipelineJob:
     command = "run"
 
-    def __init__(self, p: Pipeline, echo=print, progress_factory=None):
+    def __init__(self, p: Pipeline, echo=print, progress_factory=None, fuse: bool = True):
         from moecompress.model.hub import resolve_model
 
         self.p = p
+        self.fuse = fuse  # prune / merge -> quantize in one sweep where fusion_blocker allows it
         self.model = resolve_model(p.model)  # a folder, or a Hub id fetched into the cache
         self.echo = echo
         self.progress_factory = progress_factory
@@ -136,6 +161,71 @@ class PipelineJob:
         _validate_job(self.p, 0, PASSES[self.p.passes[0].name].make_job(self.model, step_options(self.p, 0, None)))
         _prevalidate_later_passes(self.p, self.model)
 
+    def _job(self, i: int, current: Path, stats_dir: Path | None):
+        """Pass ``i``'s job reading ``current`` (checked again when it reads an earlier pass's output)."""
+        p = self.p
+        job = PASSES[p.passes[i].name].make_job(current, step_options(p, i, stats_dir))
+        source = getattr(job, "source", None)
+        if source is not None and stats_dir is not None and source.stats_dir == str(stats_dir):
+            job.source = dataclasses.replace(source, stats_label=f"the statistics pass of this pipeline")
+        if i > 0:
+            job.model_label = f"the output of the pass before ({p.passes[i - 1].name})" if current != self.model else p.model
+            _validate_job(p, i, job)
+        return job
+
+    def _fused(self, i: int, stats_dir: Path | None) -> bool:
+        """Whether pass ``i`` (a prune or merge) runs in the sweep of the quantize pass after it."""
+        p = self.p
+        if not self.fuse or p.passes[i].name not in CHANGES_EXPERTS or i + 1 >= len(p.passes) or p.passes[i + 1].name != "quantize":
+            return False
+        blocker = fusion_blocker(step_options(p, i, stats_dir), step_options(p, i + 1, None))
+        if blocker is not None:
+            self.echo(f"[{i + 1}/{len(p.passes)}] {p.passes[i].name} writes its own checkpoint: {blocker}")
+        return blocker is None
+
+    def _profile_in_stats_sweep(self, i: int):
+        """The mixed-precision profile of the quantize pass right after the statistics pass ``i``, to
+        measure in the statistics sweep (None when there is none to share): that pass then reads the
+        profile from the statistics folder instead of sweeping the model once more. It must profile on
+        the statistics' calibration set and batch size, and take the statistics (no ``stats`` of its own)."""
+        from moecompress.api.stats import ProfileRequest
+
+        p = self.p
+        if not self.fuse or i + 1 >= len(p.passes) or p.passes[i + 1].name != "quantize" or "stats" in p.passes[i + 1].fields:
+            return None
+        stats_options, quantize_options = step_options(p, i, None), step_options(p, i + 1, None)
+        mp = quantize_options.mixed_precision_config()
+        if mp is None or any(getattr(stats_options, k) != getattr(quantize_options, k) for k in CALIBRATION_MATCH):
+            return None
+        self.echo(f"[{i + 1}/{len(p.passes)}] stats also measures the bit-allocation profile of pass {i + 2} (quantize)")
+        return ProfileRequest(quantize_options.quantize_config(), tuple(mp.bit_choices), mp.profile_method)
+
+    def _run_fused(self, i: int, current: Path, stats_dir: Path | None, work: Path, reports: Path,
+                   progress: Progress | None, records: list[StepRecord]) -> Path:
+        """Passes ``i`` (prune or merge) and ``i + 1`` (quantize) in one sweep; the quantized model's folder."""
+        from moecompress.evaluate import folder_bytes
+
+        p, total = self.p, len(self.p.passes)
+        rewrite_job = self._job(i, current, stats_dir)
+        quantize_job = self._job(i + 1, current, None)  # checked on the model before the rewrite: shapes only
+        quantize_job.model_label = f"the output of the pass before ({p.passes[i].name}, in the same sweep)"
+        name = p.passes[i].name
+        self.echo(f"[{i + 1}-{i + 2}/{total}] {name} + quantize in one sweep")
+        t0 = time.perf_counter()
+        quantize_job.rewrite = rewrite_job.plan(labelled(progress, f"[{i + 1}/{total}] {name} statistics"))
+        plan_seconds = time.perf_counter() - t0
+        target = work / f"step{i + 2}_quantize"
+        target.mkdir()
+        t0 = time.perf_counter()
+        quantize_job.write(target, labelled(progress, f"[{i + 1}-{i + 2}/{total}] {name} + quantize"))
+        sweep_seconds = time.perf_counter() - t0
+        (reports / f"step{i + 1}_{name}").mkdir(parents=True)
+        quantize_job.rewrite.report(reports / f"step{i + 1}_{name}", fused_with="quantize")
+        records.append(StepRecord(name, None, round(plan_seconds, 2)))
+        records.append(StepRecord("quantize", folder_bytes(target), round(sweep_seconds, 2)))
+        _copy_report(target, reports / target.name)
+        return target
+
     def write(self, stage: Path, progress: Progress | None) -> JobResult:
         from moecompress.evaluate import evaluate, folder_bytes
 
@@ -145,23 +235,25 @@ class PipelineJob:
         current, stats_dir = self.model, None
         records: list[StepRecord] = []
         reports = stage / "reports"
-        for i, step in enumerate(p.passes):
-            schema = PASSES[step.name]
+        i = 0
+        while i < len(p.passes):
+            step = p.passes[i]
+            if self._fused(i, stats_dir):
+                current = self._run_fused(i, current, stats_dir, work, reports, progress, records)
+                stats_dir = None
+                i += 2
+                continue
             target = work / f"step{i + 1}_{step.name}"
             target.mkdir()
-            job = schema.make_job(current, step_options(p, i, stats_dir))
-            source = getattr(job, "source", None)
-            if source is not None and stats_dir is not None and source.stats_dir == str(stats_dir):
-                job.source = dataclasses.replace(source, stats_label=f"the statistics pass of this pipeline")
-            if i > 0:
-                job.model_label = f"the output of the pass before ({p.passes[i - 1].name})" if current != self.model else p.model
-            if i > 0:
-                _validate_job(p, i, job)
+            job = self._job(i, current, stats_dir)
+            if step.name == "stats":
+                job.profile = self._profile_in_stats_sweep(i)
             self.echo(f"[{i + 1}/{len(p.passes)}] {step.name}")
             t0 = time.perf_counter()
             job.write(target, labelled(progress, f"[{i + 1}/{len(p.passes)}] {step.name}"))
             records.append(StepRecord(step.name, folder_bytes(target), round(time.perf_counter() - t0, 2)))
             _copy_report(target, reports / target.name)
+            i += 1
             if step.name == "stats":
                 stats_dir = target
                 continue
@@ -213,7 +305,8 @@ def write_pipeline_report(path: Path, p: Pipeline, summary: dict) -> None:
     for i, (step, rec) in enumerate(zip(p.passes, summary["passes"]), 1):
         folder = Path(path).parent / "reports" / f"step{i}_{step.name}"
         report = f"`reports/step{i}_{step.name}/report.md`" if (folder / "report.md").is_file() else "-"
-        lines.append(f"| {i} | {step.name} | `{json.dumps(step.fields, sort_keys=True)}` | {rec['output_bytes'] / 2**20:.2f} | {report} |")
+        size = "- (in the next pass's sweep)" if rec["output_bytes"] is None else f"{rec['output_bytes'] / 2**20:.2f}"
+        lines.append(f"| {i} | {step.name} | `{json.dumps(step.fields, sort_keys=True)}` | {size} | {report} |")
     if summary["eval"]:
         lines += ["", "## Perplexity", "", "| data | before | after | change |", "|---|---|---|---|"]
         for e in summary["eval"]:

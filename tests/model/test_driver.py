@@ -255,6 +255,63 @@ def test_a_stop_module_that_never_runs_is_an_error_not_a_silent_skip(saved):
         run_layerwise(lm, _ids(2), passes=[_StopAtAModuleOutsideTheLayer()], batch_size=2)
 
 
+class _ObservesChanges(_StopAtExperts):
+    """A pass that must see the layer as the passes before it changed it (as the quantizer after a prune)."""
+
+    observes_changes = True
+
+    def __init__(self):
+        super().__init__()
+        self.expert0_down_at_attach: list[float] = []
+
+    def attach(self, ctx):
+        if ctx.block is not None:
+            self.expert0_down_at_attach.append(float(ctx.block.experts.get(0, "down").abs().sum()))
+        return super().attach(ctx)
+
+
+def test_observation_stages_split_before_a_pass_that_observes_changes():
+    from moecompress.model.driver import observation_stages
+
+    a, b, c = _StopAtExperts(), _ObservesChanges(), _StopAtExperts()
+    assert observation_stages([a, c]) == [[a, c]]
+    assert observation_stages([b, a]) == [[b, a]]  # first in the list: nothing before it to wait for
+    assert observation_stages([a, b, c]) == [[a], [b, c]]
+    assert observation_stages([]) == [[]]
+
+
+def test_a_pass_that_observes_changes_sees_the_changed_layer_in_the_same_sweep(saved):
+    folder = saved("qwen3_moe")
+    ids = _ids(4)
+    lm = LayerwiseModel(folder)
+    layer = lm.view.moe_layers[0]
+    zero, later = _ZeroDownOfOneExpert(layer), _ObservesChanges()
+    result = run_layerwise(lm, ids, passes=[zero, later], batch_size=2, compute_logits=True)
+    assert later.expert0_down_at_attach[layer] == 0.0  # attached after the change ...
+    assert later.experts_inputs == ids.numel() * 3  # ... and observed every layer once
+    assert zero.hooked_tokens == ids.numel()  # the first stage observed the unchanged layer once
+    ref_model = _reference(folder)
+    with torch.no_grad():
+        ref_model.model.layers[layer].mlp.experts.down_proj[0].zero_()
+        changed = ref_model(input_ids=ids).logits
+    assert (torch.cat(result.logits) - changed).abs().max() < TOL
+
+
+def test_a_pass_that_needs_no_observation_names_the_layer_and_no_forward_runs(saved):
+    lm = LayerwiseModel(saved("qwen3_moe"))
+
+    class _NeedsNothing(_StopAtExperts):
+        def observation_end(self, ctx):
+            return ctx.layer
+
+    nothing = _NeedsNothing()
+    result = run_layerwise(lm, _ids(4), passes=[nothing], batch_size=2, compute_logits=True)
+    assert nothing.experts_inputs == 0 and nothing.outputs_at_process == []
+    with torch.no_grad():
+        ref = _reference(saved("qwen3_moe"))(input_ids=_ids(4)).logits
+    assert (torch.cat(result.logits) - ref).abs().max() < TOL  # the re-run made the outputs
+
+
 def test_the_final_run_releases_each_input_once_its_output_exists(saved):
     lm = LayerwiseModel(saved("qwen3_moe"))
     lm.load_outer()
