@@ -80,11 +80,15 @@ def routed_prediction(
 
 def _contribution(g, rows, x, weights, activations, down, bias) -> torch.Tensor:
     """Expert g's weighted output on tokens ``rows``: ``w * (D_g a + b_g)`` [n, H]."""
-    a = activations(g, x[rows]).float()
-    y = a @ down[g].T
+    return _weighted_output(activations(g, x[rows]).float(), weights[rows, g, None], down[g], None if bias is None else bias[g])
+
+
+def _weighted_output(a: torch.Tensor, w: torch.Tensor, down: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``w * (D a + b)`` [n, H] from an expert's activations ``a [n, I]`` and weights ``w [n, 1]``."""
+    y = a @ down.T
     if bias is not None:
-        y = y + bias[g]
-    return weights[rows, g, None] * y
+        y = y + bias
+    return w * y
 
 
 def refit_down_projections(
@@ -124,14 +128,18 @@ def refit_down_projections(
             rows = weights[:, g].nonzero().squeeze(-1)
             if rows.numel() == 0:
                 continue  # an expert no calibration token reaches keeps its weights
-            old = _contribution(g, rows, x, weights, activations, current, bias)
+            # The expert's activations once per sweep (gate/up over its tokens: the costly part),
+            # for its old output, the least-squares problem and its new output alike.
+            a = activations(g, x[rows]).float()  # [n, I]
             w = weights[rows, g, None]
-            z = w * activations(g, x[rows]).float()  # [n, I]
+            b = None if bias is None else bias[g]
+            old = _weighted_output(a, w, current[g], b)
+            z = w * a  # [n, I]
             residual = target[rows] - (pred[rows] - old)  # what expert g should add
             if bias is not None:
                 residual = residual - w * bias[g]
             current[g] = ridge_solve(z.T @ z, z.T @ residual, prior[g], damp)
-            pred[rows] += _contribution(g, rows, x, weights, activations, current, bias) - old
+            pred[rows] += _weighted_output(a, w, current[g], b) - old
     error_after = float((target - pred).pow(2).sum()) / tokens
     power = float(target.pow(2).sum()) / tokens
     return RefitResult(current, error_before, error_after, power, counts)

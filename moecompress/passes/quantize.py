@@ -728,7 +728,8 @@ class QuantizePass:
         """The layer's tokens and routing on the solver device (None when no calibration reached it)."""
         if store is None or not store.x:
             return None
-        return gather_routing(store.x, store.index, store.weights, store.probs, num_experts, release_inputs=True).to(self.device)
+        pin = self.device.type == "cuda"  # the tokens go to the GPU: gather them where a DMA can read them
+        return gather_routing(store.x, store.index, store.weights, store.probs, num_experts, release_inputs=True, pin=pin).to(self.device)
 
     def _chunks(self, experts: ExpertsView, members: list[int]) -> list[list[int]]:
         return expert_chunks(experts, members, solve_memory_mb_for(self.cfg, self.device))

@@ -29,6 +29,7 @@ import torch
 
 from moecompress.algorithms.refit import dense_routing_weights, refit_down_projections
 from moecompress.calibration.collect import routing_call_args
+from moecompress.errors import MoeCompressError
 from moecompress.model.driver import LayerContext
 from moecompress.model.view import MoEBlockView
 from moecompress.validation import check_float, check_int
@@ -140,11 +141,20 @@ class RefitPass:
         def on_experts(module, args, kwargs):
             _, index, weights = routing_call_args(module, args, kwargs)
             seen.append(dense_routing_weights(index.reshape(-1, index.shape[-1]), weights.reshape(-1, weights.shape[-1]), block.num_experts))
+            raise _RoutingSeen  # the routing is all we need: the experts' compute is skipped
 
         handle = block.experts.module.register_forward_pre_hook(on_experts, with_kwargs=True)
         try:
             for args, kwargs in rec.block_inputs:
-                block.block(*args, **kwargs)
+                try:
+                    block.block(*args, **kwargs)
+                except _RoutingSeen:
+                    continue
+                raise MoeCompressError(f"{type(block.block).__name__} never called its experts; cannot read its routing for the refit")
         finally:
             handle.remove()
         return torch.cat(seen)
+
+
+class _RoutingSeen(Exception):
+    """Ends a block's forward once the experts module has been handed its routing."""

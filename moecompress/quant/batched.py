@@ -64,7 +64,9 @@ class LayerRouting:
         return self.routed.sum(dim=0).tolist()
 
     def to(self, device: torch.device | str) -> LayerRouting:
-        return LayerRouting(*(t.to(device) for t in (self.x, self.applied, self.routed, self.probs)))
+        """On ``device``; tensors in pinned host memory (``gather_routing(pin=True)``) are copied
+        asynchronously (the caching host allocator keeps them alive until their copy is done)."""
+        return LayerRouting(*(t.to(device, non_blocking=t.is_pinned()) for t in (self.x, self.applied, self.routed, self.probs)))
 
 
 def gather_routing(
@@ -74,6 +76,7 @@ def gather_routing(
     probs: Sequence[torch.Tensor],
     num_experts: int,
     release_inputs: bool = False,
+    pin: bool = False,
 ) -> LayerRouting:
     """Concatenate per-batch experts-module inputs into one :class:`LayerRouting`.
 
@@ -82,6 +85,8 @@ def gather_routing(
     exactly, the value the per-expert reference ``(w * hit).sum(-1)`` gives. ``release_inputs``:
     ``xs`` (a list) is emptied as its batches are copied, so the per-batch inputs and the
     concatenation never both exist in full (T x H x 4 B each: 7.5 GB at 128 x 2048 tokens, H = 7168).
+    ``pin``: the concatenated tokens (the one large tensor) are written straight into pinned host
+    memory, so their copy to a CUDA solver is a DMA that needs no staging copy (CUDA only).
     """
     if not xs:
         raise MoeCompressError("no calibration batches reached the experts module")
@@ -90,7 +95,7 @@ def gather_routing(
             f"routing was recorded for {len(indices)}/{len(weights)}/{len(probs)} of {len(xs)} batches "
             "(indices/weights/router probabilities); the router and the experts must see every batch"
         )
-    x = _concat_rows(xs, release_inputs)  # [T, H]
+    x = _concat_rows(xs, release_inputs, pin)  # [T, H]
     idx = torch.cat([t.reshape(-1, t.shape[-1]) for t in indices]).long()  # [T, k]
     w = torch.cat([t.reshape(-1, t.shape[-1]) for t in weights]).float()  # [T, k]
     p = torch.cat([t.reshape(-1, t.shape[-1]) for t in probs]).float()  # [T, E]
@@ -103,18 +108,18 @@ def gather_routing(
     return LayerRouting(x, applied[:, :num_experts], hits[:, :num_experts] > 0, p)
 
 
-def _concat_rows(parts: Sequence[torch.Tensor], release: bool) -> torch.Tensor:
+def _concat_rows(parts: Sequence[torch.Tensor], release: bool, pin: bool = False) -> torch.Tensor:
     """``torch.cat`` of the parts' rows, in their (floating) dtype; with ``release`` (a list) each part
-    is dropped from the list once copied."""
+    is dropped from the list once copied; with ``pin`` into pinned host memory."""
     rows = [t.reshape(-1, t.shape[-1]) for t in parts]
-    if not release:
+    if not release and not pin:
         return torch.cat(rows)
     del rows  # views would keep every part alive
     total = sum(int(t.numel() // t.shape[-1]) for t in parts)
-    out = torch.empty(total, parts[0].shape[-1], dtype=parts[0].dtype, device=parts[0].device)
+    out = torch.empty(total, parts[0].shape[-1], dtype=parts[0].dtype, device=parts[0].device, pin_memory=pin)
     start = 0
-    while parts:
-        part = parts.pop(0).reshape(-1, out.shape[-1])
+    for i in range(len(parts)):
+        part = (parts.pop(0) if release else parts[i]).reshape(-1, out.shape[-1])
         out[start : start + part.shape[0]].copy_(part)
         start += part.shape[0]
     return out

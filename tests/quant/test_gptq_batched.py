@@ -107,6 +107,17 @@ def test_gather_can_release_the_per_batch_inputs_as_it_copies_them():
         assert torch.equal(a, b)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="pinned host memory needs CUDA")
+def test_pinned_gather_copies_to_the_gpu_unchanged():
+    store = _routed_store()
+    kept = _routing(store, 6)
+    pinned = gather_routing(list(store.x), store.index, store.weights, store.probs, 6, release_inputs=True, pin=True)
+    assert pinned.x.is_pinned()
+    on_gpu = pinned.to("cuda")
+    torch.cuda.synchronize()
+    assert torch.equal(on_gpu.x.cpu(), kept.x) and torch.equal(on_gpu.applied.cpu(), kept.applied)
+
+
 def test_segments_of_a_subset_keep_the_listed_order():
     store = _routed_store()
     routing = _routing(store, 6)
