@@ -536,6 +536,11 @@ def linears_to_quantize(cfg: QuantizeConfig, layer: nn.Module, block: MoEBlockVi
     return chosen  # every input dimension packs (kpack-v2 pads K to a multiple of 32)
 
 
+def _in_shared_expert(block: MoEBlockView | None, name: str) -> bool:
+    """Whether the linear ``name`` (relative to the decoder layer) belongs to ``block``'s shared expert."""
+    return block is not None and bool(block.shared_name) and name.startswith(f"{block.block_name}.{block.shared_name}.")
+
+
 def check_group_size_fits(cfg: QuantizeConfig, layers: nn.Module, blocks: dict, whole_groups: bool = False) -> None:
     """Before any work: ``cfg.group_size`` suits (``format.group_size_problem``: at most K; a partial last
     group is fine) the input dimension K of every matrix the pass will pack -- the routed experts' H
@@ -589,21 +594,44 @@ class QuantizePass:
         self._linear_inputs = LinearInputHessians(self.device)
         if self.cfg.method == "gptq":
             for name, (module, _bits) in self._linears_to_quantize(ctx).items():
-                handles.append(module.register_forward_pre_hook(self._linear_inputs.hook(name, module.in_features)))
+                if not _in_shared_expert(ctx.block, name):  # those are observed in process (_observe_shared_expert)
+                    handles.append(module.register_forward_pre_hook(self._linear_inputs.hook(name, module.in_features)))
         return handles
 
     def observation_end(self, ctx: LayerContext) -> nn.Module | None:
         """The observation forward may end where the routed experts would run: by then the router
         has run and the experts' inputs are recorded, and attention (before the MoE block in every
         supported family) has fed its linears' Hessians; the experts' compute and the rest of the
-        layer would only make outputs that the re-run after quantization replaces. A full forward
-        when the layer has no MoE block or shared-expert linears are quantized (some families call
-        the shared expert after the routed ones). ``process`` checks every Hessian saw every batch."""
+        layer would only make outputs that the re-run after quantization replaces. The shared
+        expert, which DeepSeek, GLM4 and others call after the routed ones, is observed in
+        ``process`` from the recorded inputs instead (:meth:`_observe_shared_expert`). A full
+        forward when the layer has no MoE block. ``process`` checks every Hessian saw every batch."""
         if ctx.block is None:
             return None
-        if any(ctx.block.shared_name and name.startswith(f"{ctx.block.block_name}.") for name in self._linears_to_quantize(ctx)):
-            return None
         return ctx.block.experts.module
+
+    @torch.no_grad()
+    def _observe_shared_expert(self, ctx: LayerContext) -> None:
+        """The quantized shared-expert linears' Hessians, from the routed experts' recorded inputs:
+        every supported family feeds its shared expert the MoE block's input, the very tokens the
+        routed experts get, so running the shared expert on them batch by batch feeds its linears'
+        hooks what the full forward would have (in the run's storage dtype, as the routed experts'
+        Hessians; tests/passes/test_quantize.py compares with a full observation). Saves the routed
+        experts' compute in the observation forward: about half of it on DeepSeek-V3."""
+        block, store = ctx.block, self._experts_store
+        if self.cfg.method != "gptq" or block is None or block.shared is None or store is None:
+            return
+        shared = {name: module for name, (module, _bits) in self._linears_to_quantize(ctx).items() if _in_shared_expert(block, name)}
+        if not shared:
+            return
+        handles = [m.register_forward_pre_hook(self._linear_inputs.hook(name, m.in_features)) for name, m in shared.items()]
+        try:
+            with self._phase("hessian"):
+                for x in store.x:
+                    block.shared(ctx.computable(x))
+        finally:
+            for h in handles:
+                h.remove()
 
     def rerun_context(self, ctx: LayerContext):
         """The re-run of the quantized layer dequantizes each packed expert once, not once per batch."""
@@ -613,6 +641,7 @@ class QuantizePass:
     # -- processing ----------------------------------------------------------------------------------
 
     def process(self, ctx: LayerContext) -> bool:
+        self._observe_shared_expert(ctx)
         self._linear_inputs.check(len(ctx.inputs))
         changed = False
         layer_prefix = f"{ctx.model.view.layers_name}.{ctx.index}" if ctx.model is not None else f"layers.{ctx.index}"

@@ -419,3 +419,64 @@ def test_the_solver_device_is_the_cpu_without_cuda_and_named_devices_must_exist(
             QuantizeConfig(device="cuda").validate()
     with pytest.raises(MoeCompressError, match="--solve-memory-mb"):
         QuantizeConfig(solve_memory_mb=0).validate()
+
+
+class _FullObservationOfSharedExpert:
+    """Reference: the shared expert's linears' Hessians from a full forward (no observation_end)."""
+
+    def __init__(self):
+        self.hessians = None
+        self.by_layer: dict[int, dict[str, torch.Tensor]] = {}
+
+    def attach(self, ctx):
+        self.hessians = LinearInputHessians(torch.device("cpu"))
+        if ctx.block is None or ctx.block.shared is None:
+            return []
+        prefix = f"{ctx.block.block_name}.{ctx.block.shared_name}."
+        return [m.register_forward_pre_hook(self.hessians.hook(n, m.in_features))
+                for n, m in ctx.layer.named_modules() if n.startswith(prefix) and isinstance(m, torch.nn.Linear)]
+
+    def process(self, ctx) -> bool:
+        self.by_layer[ctx.index] = {n: acc.h.clone() for n, acc in self.hessians.by_name.items()}
+        return False
+
+
+@pytest.mark.parametrize("family", ["deepseek_v3", "qwen2_moe", "glm4_moe"])
+def test_shared_expert_hessians_from_the_recorded_expert_inputs_equal_a_full_observation(tmp_path, family):
+    """The shared expert (called after the routed ones in DeepSeek and GLM4) is observed in process,
+    from the routed experts' recorded inputs, so the observation can stop before the routed experts."""
+    folder = tmp_path / family
+    save_tiny_model(family, folder)
+    lm = LayerwiseModel(folder)
+    qpass = QuantizePass(QuantizeConfig(bits=4, group_size=32), lm.config)
+    block = next(iter(lm.view.blocks.values()))
+    assert block.shared is not None
+    seen: dict[tuple[int, str], torch.Tensor] = {}
+    quantize_linear = qpass._quantize_linear
+
+    def spy(ctx, name, module, bits, prefix):
+        seen[ctx.index, name] = qpass._linear_inputs.by_name[name].h.clone()
+        return quantize_linear(ctx, name, module, bits, prefix)
+
+    qpass._quantize_linear = spy
+    reference = _FullObservationOfSharedExpert()
+    run_layerwise(lm, random_ids(), [reference, qpass], batch_size=2)
+    compared = 0
+    for layer, hessians in reference.by_layer.items():
+        for name, h in hessians.items():
+            assert torch.allclose(seen[layer, name], h, rtol=1e-5, atol=1e-6), (layer, name)
+            compared += 1
+    assert compared >= 2 * len(lm.view.blocks)  # gate/up (one shared Hessian) and down per MoE layer
+
+
+def test_the_observation_stops_at_the_routed_experts_even_with_the_shared_expert_quantized(tmp_path):
+    from moecompress.model.driver import LayerContext, observation_stop
+
+    folder = tmp_path / "ds"
+    save_tiny_model("deepseek_v3", folder)
+    lm = LayerwiseModel(folder)
+    index, block = next(iter(lm.view.blocks.items()))
+    qpass = QuantizePass(QuantizeConfig(bits=4, group_size=32), lm.config)
+    ctx = LayerContext(index, lm.layers[index], block, [], [], model=lm)
+    assert any(block.shared_name in name for name in qpass._linears_to_quantize(ctx))
+    assert observation_stop([qpass], ctx) is block.experts.module
