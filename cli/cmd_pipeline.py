@@ -23,6 +23,8 @@ def run(
     p = load_pipeline(pipeline, pass_schemas())
     with LayerProgress("pass") as progress:
         result = run_pipeline(p, dry_run=dry_run, echo=lambda s: console.print(s, highlight=False), progress=progress)
+    if result.out is None and not dry_run:  # a torchrun rank that wrote nothing (rank 0 speaks)
+        return
     if as_json:
         print_json(result.as_json())
     elif not dry_run:

@@ -75,7 +75,7 @@ def quantize(
     quiet_transformers()
     options = QuantizeOptions(**options_from(QuantizeOptions, locals()))
     result = run_api("quantize", run, model, out, options, overwrite, dry_run, save_pipeline, "quantizing")
-    if result.dry_run:
+    if result.dry_run or result.out is None:  # out None: a torchrun rank that wrote nothing (rank 0 speaks)
         return
     if as_json:
         print_json(result.as_json())

@@ -104,7 +104,7 @@ def peak_rss_bytes() -> int:
 
 # Jobs whose work is shared across torchrun processes (expert parallelism, parallel.py); the others
 # would only repeat the same work on every rank.
-DISTRIBUTED_COMMANDS = ("quantize",)
+DISTRIBUTED_COMMANDS = ("quantize", "run")  # run: pipelines whose models only quantize writes (pipeline.run)
 
 
 def execute(job: Job, out: str | Path, overwrite: bool = False, dry_run: bool = False,

@@ -22,6 +22,7 @@ import yaml
 from moecompress.api.job import JobResult, Progress, execute, labelled
 from moecompress.errors import MoeCompressError
 from moecompress.model.families import OUTPUT_COPY_FILES
+from moecompress.parallel import current as current_ranks
 from moecompress.pipeline.schema import CALIBRATION_FIELDS, CHANGES_EXPERTS, PASSES, Pipeline, PipelineError
 
 # Files of a pass's output that are its report, copied to reports/stepN_name/ (not model files).
@@ -87,6 +88,31 @@ def _prevalidate_later_passes(p: Pipeline, model: Path) -> None:
                 options = dataclasses.replace(options, stats=None)
             _validate_job(p, i, PASSES[step.name].make_job(model, options))
         experts_changed = experts_changed or step.name in CHANGES_EXPERTS
+
+
+def distributed_blocker(p: Pipeline) -> str | None:
+    """Why ``p`` cannot run under torchrun (None: it can).
+
+    Under torchrun every rank runs the pipeline; only the quantizer shares its work (each rank solves
+    its share of the experts), and only rank 0 writes models. So every pass after which a model is
+    read again must not be one: the pipeline may hold ``stats`` passes (each rank collects the same
+    statistics into its own scratch folder), ``quantize``, and a ``prune`` or ``merge`` that runs in
+    the sweep of the quantize pass after it (``fusion_blocker``)."""
+    i = 0
+    while i < len(p.passes):
+        name = p.passes[i].name
+        if name in CHANGES_EXPERTS:
+            if i + 1 >= len(p.passes) or p.passes[i + 1].name != "quantize":
+                return f"pass {i + 1} ({name}) is not followed by quantize, so it would write a model of its own"
+            blocker = fusion_blocker(step_options(p, i, None), step_options(p, i + 1, None))
+            if blocker is not None:
+                return f"pass {i + 1} ({name}) cannot run in the quantizer's sweep: {blocker}"
+            i += 2
+            continue
+        if name not in ("stats", "quantize"):
+            return f"pass {i + 1} ({name}) runs in one process"
+        i += 1
+    return None
 
 
 @dataclass
@@ -160,6 +186,10 @@ class PipelineJob:
         _validate_options(self.p)
         _validate_job(self.p, 0, PASSES[self.p.passes[0].name].make_job(self.model, step_options(self.p, 0, None)))
         _prevalidate_later_passes(self.p, self.model)
+        if current_ranks().distributed:
+            blocker = distributed_blocker(self.p) if self.fuse else "pass fusion is off"
+            if blocker is not None:
+                raise PipelineError(f"{self.p.path}: cannot run under torchrun: {blocker}; launch it without torchrun")
 
     def _job(self, i: int, current: Path, stats_dir: Path | None):
         """Pass ``i``'s job reading ``current`` (checked again when it reads an earlier pass's output)."""
@@ -265,7 +295,7 @@ class PipelineJob:
                 shutil.move(str(item), stage / item.name)
         shutil.rmtree(work)
         evals = []
-        for data in (p.eval or {}).get("data", []):
+        for data in (p.eval or {}).get("data", []) if current_ranks().is_writer else []:  # only rank 0 holds the model
             kw = {"seqlen": p.eval.get("seqlen", 256), "max_tokens": p.eval.get("max_tokens")}
             before = evaluate(self.model, data, **kw)
             after = evaluate(stage, data, **kw)

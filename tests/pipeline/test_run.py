@@ -112,3 +112,60 @@ def test_statistics_sweep_measures_the_profile_of_the_quantize_pass_after_it(tin
     assert model_digest(fused) == model_digest(separate)
     assert "reused from --stats" in (fused / "reports" / "step2_quantize" / "report.md").read_text()
     assert "reused from --stats" not in (separate / "reports" / "step2_quantize" / "report.md").read_text()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run_cli(path: Path, nproc: int):
+    import os
+    import subprocess
+    import sys
+
+    if nproc == 1:
+        cmd = [sys.executable, "-m", "moecompress", "run", str(path)]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port",
+               str(_free_port()), "-m", "moecompress", "run", str(path)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=path.parent, env=env)
+
+
+def test_a_fused_pipeline_under_two_gloo_ranks_writes_the_bytes_of_one_process(tiny, tmp_path):
+    """torchrun moecompress run: the statistics on every rank, prune + quantize in one sweep with the
+    experts split between the ranks, rank 0 writing; the same bytes as one process at one thread."""
+    passes = [{"stats": {}}, {"prune": {"method": "reap", "num_experts": 2}}, {"quantize": {"bits": 4, "group_size": 32}}]
+    outputs = {}
+    for nproc in (1, 2):
+        p = pipeline(tmp_path, tiny, passes, f"out{nproc}")
+        done = _run_cli(p.path, nproc)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert (done.stdout + done.stderr).count("report.md") == 1  # rank 0 speaks, once
+        outputs[nproc] = Path(p.export["output"])
+    assert model_digest(outputs[1]) == model_digest(outputs[2])
+    leftovers = sorted(q.name for q in tmp_path.iterdir() if q.suffix != ".yaml")
+    assert leftovers == ["out1", "out2"]  # the other rank wrote nothing beside OUT
+
+
+@pytest.mark.parametrize("passes, reason", [
+    ([{"prune": {"method": "reap", "num_experts": 2}}], "not followed by quantize"),
+    ([{"compress_experts": {}}], "runs in one process"),
+    ([{"prune": {"method": "reap", "num_experts": 2, "eval_data": "x.txt"}}, {"quantize": {"bits": 4}}], "evaluates its own output"),
+])
+def test_pipelines_that_would_read_a_model_only_rank_0_wrote_cannot_run_under_torchrun(tiny, tmp_path, passes, reason):
+    from moecompress.pipeline.run import distributed_blocker
+
+    blocker = distributed_blocker(pipeline(tmp_path, tiny, passes, "p"))
+    assert blocker is not None and reason in blocker
+
+
+def test_stats_and_fused_passes_can_run_under_torchrun(tiny, tmp_path):
+    from moecompress.pipeline.run import distributed_blocker
+
+    passes = [{"stats": {}}, {"merge": {"num_experts": 2}}, {"quantize": {"bits": 4}}]
+    assert distributed_blocker(pipeline(tmp_path, tiny, passes, "p")) is None
