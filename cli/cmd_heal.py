@@ -46,6 +46,9 @@ def heal(
     lr: float = typer.Option(1e-3, help="Adam learning rate"),
     lora_lr: float = typer.Option(None, "--lora-lr", help="Adam learning rate of the LoRA adapters (default: --lr); adapters "
                                   "usually need a smaller one than ces scaling vectors"),
+    router_lr: float = typer.Option(None, "--router-lr", help="Adam learning rate of the routers (default: --lr); routers "
+                                    "usually need a much smaller one than ces scaling vectors"),
+    norm_lr: float = typer.Option(None, "--norm-lr", help="Adam learning rate of the norms (default: --lr)"),
     lora_rank: int = typer.Option(8, help="rank of the LoRA adapters on each expert's fused weights"),
     batch_size: int = typer.Option(8, help="calibration sequences per step"),
     temperature: float = typer.Option(1.0, help="end-to-end: distillation temperature T (loss T^2 KL)"),

@@ -59,6 +59,8 @@ class HealOptions:
     steps: int = 100
     lr: float = 1e-3
     lora_lr: float | None = None
+    router_lr: float | None = None
+    norm_lr: float | None = None
     lora_rank: int = 8
     batch_size: int = 8
     temperature: float = 1.0
@@ -86,7 +88,8 @@ class HealOptions:
 
     def config(self) -> HealConfig:
         return HealConfig(
-            mode=self.mode, train=self.train_kinds(), steps=self.steps, lr=self.lr, lora_lr=self.lora_lr, batch_size=self.batch_size,
+            mode=self.mode, train=self.train_kinds(), steps=self.steps, lr=self.lr, lora_lr=self.lora_lr, router_lr=self.router_lr,
+            norm_lr=self.norm_lr, batch_size=self.batch_size,
             lora_rank=self.lora_rank, temperature=self.temperature, top_k=self.top_k,
             holdout_fraction=self.holdout_fraction, checkpoint_every=self.checkpoint_every, seed=self.seed,
             guard_samples=self.guard_samples, guard_z=self.guard_z, schedule=self.schedule,
@@ -386,6 +389,8 @@ class HealJob:
             "steps": cfg.steps,
             "lr": cfg.lr,
             "lora_lr": cfg.lora_lr,
+            "router_lr": cfg.router_lr,
+            "norm_lr": cfg.norm_lr,
             "batch_size": cfg.batch_size,
             "lora_rank": cfg.lora_rank,
             "temperature": cfg.temperature if cfg.mode == "end-to-end" else None,
@@ -488,9 +493,10 @@ def write_heal_report(path: Path, s: dict) -> None:
                                   "teacher layer's output; normalised MSE)" if blockwise else
                                   f" (all layers jointly; T^2 KL(teacher || student) at temperature {s['temperature']}, "
                                   f"teacher top-{s['top_k']} + tail)"),
-        f"- trained: {', '.join(s['train']) if isinstance(s['train'], list) else 'ces (if present), routers, LoRA rank ' + str(s['lora_rank']) + ' on the experts outside compressed-experts blocks (merged), norms'}; "
+        f"- trained: {', '.join(s['train']) if isinstance(s['train'], list) else 'ces (if present), routers, LoRA rank ' + str(s['lora_rank']) + ' on the experts (merged), norms'}; "
         f"{s['steps']} Adam steps{' per layer' if blockwise else ''}, lr {s['lr']}"
-        + (f" (LoRA {s['lora_lr']})" if s.get("lora_lr") is not None else "")
+        + "".join(f" ({what} {s[key]})" for what, key in (("LoRA", "lora_lr"), ("routers", "router_lr"), ("norms", "norm_lr"))
+                  if s.get(key) is not None)
         + f", {s.get('schedule', 'constant')} schedule, {s['batch_size']} sequences per step, seed {s['seed']}",
         f"- calibration: {s['calibration']}; {s['holdout_fraction']:.0%} of the sequences held back (never trained on)",
         f"- training tokens (with repeats): {s['train_tokens']:,}",

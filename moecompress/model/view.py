@@ -203,8 +203,13 @@ class ExpertsView:
         return self.module.gate_up_proj if self.has_gate else self.module.up_proj
 
     def _rows(self, param: torch.Tensor, e: int) -> torch.Tensor:
-        """Expert e of a fused parameter as [out, in] (a view)."""
-        w = param.data[e]
+        """Expert e of a fused parameter as [out, in] (a view).
+
+        ``param[e]``, not ``param.data[e]``: a forward through these slices (``forward_expert``, the
+        compressed-experts block) must keep the autograd graph, so that training the expert weights (or
+        LoRA adapters substituted for them with ``functional_call``) gets a gradient. Writes go through
+        :meth:`set` / :meth:`set_bias`, under ``no_grad``."""
+        w = param[e]
         return w.t() if self.is_transposed else w
 
     def _proj_rows(self, e: int, proj: str) -> torch.Tensor:
@@ -239,8 +244,8 @@ class ExpertsView:
         if not self.has_bias:
             return None
         if proj == "down":
-            return self.module.down_proj_bias.data[e]
-        b = (self.module.gate_up_proj_bias if self.has_gate else self.module.up_proj_bias).data[e]
+            return self.module.down_proj_bias[e]
+        b = (self.module.gate_up_proj_bias if self.has_gate else self.module.up_proj_bias)[e]
         if not self.has_gate:
             return b
         i = self.intermediate_size
@@ -278,7 +283,7 @@ class ExpertsView:
         w = self.gate_up_raw(e)
         h = x @ w.t().to(x.dtype)
         if self.has_bias:
-            fused_bias = (self.module.gate_up_proj_bias if self.has_gate else self.module.up_proj_bias).data[e]
+            fused_bias = (self.module.gate_up_proj_bias if self.has_gate else self.module.up_proj_bias)[e]
             h = h + fused_bias.to(x.dtype)
         return self.activation(h)
 
@@ -286,7 +291,7 @@ class ExpertsView:
         """Expert e's down projection: a [T, I] -> [T, H] (bias included, routing weight not)."""
         y = a @ self.get(e, "down").t().to(a.dtype)
         if self.has_bias:
-            y = y + self.module.down_proj_bias.data[e].to(a.dtype)
+            y = y + self.module.down_proj_bias[e].to(a.dtype)
         return y
 
     def forward_expert(self, e: int, x: torch.Tensor) -> torch.Tensor:

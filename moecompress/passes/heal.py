@@ -10,11 +10,14 @@ embeddings and the output head always):
 * ``lora``    -- a rank-r adapter on every 3-D fused expert parameter (``gate_up_proj`` / ``down_proj``,
                  per expert: W_e + B_e A_e). Adapters are MERGED into the weights at the end, so the output
                  has exactly the input's structure and format (a pruned standard checkpoint stays one).
-                 Not inside a compressed-experts block: it computes its experts through ``ExpertsView``,
-                 whose weight slices are detached (``param.data``), so no gradient would reach an adapter
-                 there (it would train nothing); those experts are skipped, and ``--train lora`` on a
-                 student with nothing else to adapt is refused;
+                 Inside a compressed-experts block too: the block computes its experts through
+                 ``ExpertsView``, whose slices keep the autograd graph, so the adapters (substituted for
+                 the fused weights by ``functional_call``) get their gradient there as anywhere else;
 * ``norms``   -- the RMSNorm / LayerNorm weights of the decoder layers.
+
+Each kind may have its own Adam learning rate (``lora_lr``, ``router_lr``, ``norm_lr``; default ``lr``):
+a ces scaling vector near 1 needs steps of ~1e-2 to move, a router at that step makes things worse
+(reports/heal.md).
 
 Two modes:
 
@@ -117,6 +120,8 @@ class HealConfig:
     steps: int = 100  # per layer (blockwise) or in all (end-to-end)
     lr: float = 1e-3
     lora_lr: float | None = None  # the LoRA adapters' learning rate (None: lr)
+    router_lr: float | None = None  # the routers' learning rate (None: lr)
+    norm_lr: float | None = None  # the norms' learning rate (None: lr)
     batch_size: int = 8  # sequences per step
     lora_rank: int = 8
     temperature: float = 1.0  # end-to-end
@@ -137,8 +142,9 @@ class HealConfig:
                 check_choice("--train", t, TRAINABLE)
         check_int("--steps", self.steps, 1)
         check_float("--lr", self.lr, 0.0, None, low_open=True)
-        if self.lora_lr is not None:
-            check_float("--lora-lr", self.lora_lr, 0.0, None, low_open=True)
+        for flag, value in (("--lora-lr", self.lora_lr), ("--router-lr", self.router_lr), ("--norm-lr", self.norm_lr)):
+            if value is not None:
+                check_float(flag, value, 0.0, None, low_open=True)
         check_int("--batch-size", self.batch_size, 1)
         check_int("--lora-rank", self.lora_rank, 1)
         check_float("--temperature", self.temperature, 0.0, None, low_open=True)
@@ -222,13 +228,6 @@ def _is_norm(module: nn.Module) -> bool:
     return isinstance(module, nn.LayerNorm) or type(module).__name__.endswith("Norm")
 
 
-def _lora_target(named: dict[str, nn.Module], mname: str) -> bool:
-    """Whether the experts module at ``mname`` can take LoRA adapters: not the child of a compressed-experts
-    block (one with its own ``ces`` parameter), whose forward reads the expert weights detached."""
-    parent = named.get(mname.rsplit(".", 1)[0] if "." in mname else "")
-    return not (parent is not None and parent is not named.get(mname) and "ces" in dict(parent.named_parameters(recurse=False)))
-
-
 @dataclass
 class Trainables:
     """The trainable tensors of a module (a decoder layer or a whole model), by parameter name.
@@ -242,22 +241,33 @@ class Trainables:
     direct: dict[str, nn.Parameter] = field(default_factory=dict)
     lora: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     kinds: dict[str, int] = field(default_factory=dict)  # kind -> tensors selected
+    direct_kind: dict[str, str] = field(default_factory=dict)  # direct tensor name -> its kind (ces, routers, norms)
 
-    def parameters(self) -> list[torch.Tensor]:
-        """Every trained tensor, in a fixed order (Adam's state is saved and restored by position)."""
-        params = [self.direct[n] for n in sorted(self.direct)]
+    def _direct_groups(self, lr: float, kind_lr: dict[str, float | None] | None) -> list[tuple[float, list[str]]]:
+        """The direct tensors' names grouped by learning rate (a kind's own lr from ``kind_lr``, else ``lr``),
+        groups in order of first appearance among the sorted names: one group, sorted, when no kind has its own."""
+        groups: dict[float, list[str]] = {}
+        for n in sorted(self.direct):
+            own = (kind_lr or {}).get(self.direct_kind.get(n, ""))
+            groups.setdefault(lr if own is None else own, []).append(n)
+        return list(groups.items())
+
+    def parameters(self, lr: float = 1.0, kind_lr: dict[str, float | None] | None = None) -> list[torch.Tensor]:
+        """Every trained tensor, in a fixed order (Adam's state is saved and restored by position): the
+        order of ``param_groups(lr, ..., kind_lr)``."""
+        params = [self.direct[n] for _lr, names in self._direct_groups(lr, kind_lr) for n in names]
         for n in sorted(self.lora):
             params += list(self.lora[n])
         return params
 
-    def param_groups(self, lr: float, lora_lr: float | None) -> list[dict]:
-        """Adam param groups in ``parameters()`` order: the direct tensors at ``lr``, the adapters at ``lora_lr``
-        (default ``lr``). Adapters need a smaller step: Adam moves every entry of B by ~lr per step whatever
-        its gradient, and B A sums r such entries into each weight, while a ces scaling vector near 1 needs
-        steps of ~1e-2 to move at all."""
-        direct = [self.direct[n] for n in sorted(self.direct)]
+    def param_groups(self, lr: float, lora_lr: float | None, kind_lr: dict[str, float | None] | None = None) -> list[dict]:
+        """Adam param groups in ``parameters(lr, kind_lr)`` order: the direct tensors at ``lr`` (or their kind's
+        own lr in ``kind_lr``, e.g. ``{"routers": 1e-4}``), the adapters at ``lora_lr`` (default ``lr``). Adapters
+        and routers need a smaller step: Adam moves every entry by ~lr per step whatever its gradient, B A sums
+        r such entries into each weight, and a router's logits move with every entry of its weight, while a ces
+        scaling vector near 1 needs steps of ~1e-2 to move at all."""
+        groups = [{"params": [self.direct[n] for n in names], "lr": g_lr} for g_lr, names in self._direct_groups(lr, kind_lr)]
         lora = [t for n in sorted(self.lora) for t in self.lora[n]]
-        groups = [{"params": direct, "lr": lr}] if direct else []
         return groups + ([{"params": lora, "lr": lr if lora_lr is None else lora_lr}] if lora else [])
 
     def numel(self) -> int:
@@ -313,6 +323,7 @@ def select_trainables(module: nn.Module, router_paths: list[str], what: tuple[st
     def pick(kind: str, name: str, param: nn.Parameter) -> None:
         if param.is_floating_point() and name.startswith(prefix) and name not in found.direct:
             found.direct[name] = param
+            found.direct_kind[name] = kind
             found.kinds[kind] = found.kinds.get(kind, 0) + 1
 
     if "ces" in what:
@@ -330,7 +341,7 @@ def select_trainables(module: nn.Module, router_paths: list[str], what: tuple[st
                     pick("norms", f"{mname}.{pname}" if mname else pname, p)
     if "lora" in what:
         for mname, sub in sorted(named.items()):
-            if not is_experts_module(sub) or not _lora_target(named, mname):
+            if not is_experts_module(sub):
                 continue
             for pname in LORA_TARGETS:
                 p = getattr(sub, pname, None)
@@ -358,7 +369,7 @@ def available_kinds(module: nn.Module, router_paths: list[str]) -> set[str]:
         if _is_norm(sub) and any(True for _ in sub.parameters(recurse=False)):
             kinds.add("norms")
         fused = any(isinstance(getattr(sub, t, None), nn.Parameter) and getattr(sub, t).dim() == 3 for t in LORA_TARGETS)
-        if is_experts_module(sub) and _lora_target(named, mname) and fused:
+        if is_experts_module(sub) and fused:
             kinds.add("lora")
     return kinds
 
@@ -369,8 +380,7 @@ def check_trainables(kinds: set[str], what: tuple[str, ...] | None, where: str) 
         missing = [k for k in what if k not in kinds]
         if missing:
             hint = {"ces": "the student has no compressed experts (run compress-experts first)",
-                    "lora": "the student has no fused expert weights LoRA can train (a quantized student? heal before quantizing; "
-                             "compressed-experts blocks read their expert weights detached: train ces, routers, norms)",
+                    "lora": "the student has no fused expert weights LoRA can train (a quantized student? heal before quantizing)",
                     "routers": "the student has no MoE router", "norms": "the student has no norm layers"}
             raise MoeCompressError(f"--train {missing[0]}: {hint[missing[0]]} ({where})")
     if not kinds.intersection(what or TRAINABLE):
@@ -472,7 +482,7 @@ def train(trainables: Trainables, batch_loss: Callable[[torch.Tensor], torch.Ten
     resume = checkpointer.load()
     losses = list(resume["losses"]) if resume else []
     return resumable_adam(
-        trainables.param_groups(cfg.lr, cfg.lora_lr), batch_loss, n_rows, cfg.batch_size, cfg.steps, cfg.lr, seed,
+        trainables.param_groups(cfg.lr, cfg.lora_lr, {"routers": cfg.router_lr, "norms": cfg.norm_lr}), batch_loss, n_rows, cfg.batch_size, cfg.steps, cfg.lr, seed,
         start_step=resume["step"] if resume else 0, optimizer_state=resume["optimizer"] if resume else None,
         losses=losses, lr_scale=lambda step: lr_factor(step, cfg.steps, cfg.schedule),
         after_step=lambda step, opt, ls: (checkpointer.maybe_save(step, cfg.steps, opt, ls, extra),

@@ -254,19 +254,37 @@ def ce_student(root):
     return root / "ce"
 
 
-def test_lora_is_not_offered_inside_compressed_experts_blocks(root, ce_student, tmp_path):
-    """The block computes its experts from detached weight slices (ExpertsView reads ``param.data``): no
-    gradient reaches the expert weights, so adapters there would train nothing. If that changes, this
-    test fails and LoRA can be allowed there again."""
+def test_lora_trains_inside_compressed_experts_blocks(root, ce_student, tmp_path):
+    """The block computes its experts through ExpertsView, whose slices keep the autograd graph: a loss
+    reaches the expert weights and the LoRA adapters put in their place, and healing with LoRA moves the
+    experts of the compressed-experts student (the adapters merged into the written weights)."""
+    from moecompress.passes.heal import select_trainables
+
     model = AutoModelForCausalLM.from_pretrained(str(ce_student))
     model(input_ids=torch.tensor([[5, 6, 7, 8]])).logits.sum().backward()
     experts = [m for n, m in model.named_modules() if n.endswith("mlp.experts")]
-    assert experts and all(m.gate_up_proj.grad is None and m.down_proj.grad is None for m in experts)
-    assert any(p.grad is not None for n, p in model.named_parameters() if n.endswith(".ces"))
-    result = heal(ce_student, tmp_path / "default", _options(root, steps=2))
-    assert all("lora" not in r["trained"] and "ces" in r["trained"] for r in result.summary["records"])
-    with pytest.raises(MoeCompressError, match="compressed-experts blocks"):
-        heal(ce_student, tmp_path / "lora", _options(root, train="lora"))
+    assert experts and all(m.gate_up_proj.grad is not None and m.gate_up_proj.grad.abs().sum() > 0 for m in experts)
+    assert all(m.down_proj.grad is not None and m.down_proj.grad.abs().sum() > 0 for m in experts)
+    trainables = select_trainables(model, [], ("lora",), 4, torch.Generator().manual_seed(0), prefix="model.layers.")
+    assert len(trainables.lora) == 2 * len(experts)  # gate_up_proj and down_proj of every compressed-experts block
+    trainables(input_ids=torch.tensor([[5, 6, 7, 8, 9, 10]])).logits.pow(2).mean().backward()
+    assert all(b.grad is not None and b.grad.abs().sum() > 0 for _a, b in trainables.lora.values())
+
+    result = heal(ce_student, tmp_path / "lora", _options(root, train="lora", steps=10))
+    assert all(r["trained"] == {"lora": 2} for r in result.summary["records"])
+    kept = [r for r in result.summary["records"] if r["kept"]]
+    assert kept and all(r["heldout_after"] < r["heldout_before"] for r in kept)
+
+    def experts_of(folder):
+        return {k: v for f in folder.glob("*.safetensors") for k, v in load_file(str(f)).items() if "mlp.experts." in k}
+
+    before, after = experts_of(ce_student), experts_of(tmp_path / "lora")
+    assert before.keys() == after.keys()
+    changed = {k.split(".mlp.")[0] for k in before if not torch.equal(before[k], after[k])}
+    assert changed == {f"model.layers.{r['layer']}" for r in kept}  # exactly the kept layers' experts moved
+    default = heal(ce_student, tmp_path / "default", _options(root, steps=2))
+    assert all({"ces", "lora"} <= set(r["trained"]) for r in default.summary["records"])
+    AutoModelForCausalLM.from_pretrained(str(tmp_path / "lora"))
 
 
 def test_compressed_experts_ces_train(root, ce_student, tmp_path):

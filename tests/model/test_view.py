@@ -361,3 +361,35 @@ def test_intermediate_is_the_input_of_down(tiny, family):
         stacked = ex.stacked("gate")
     assert stacked.shape == (ex.num_experts, ex.intermediate_size, 64)
     assert torch.equal(stacked[2], ex.get(2, "gate"))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_loss_through_forward_expert_gives_the_expert_parameters_a_gradient(tiny, family):
+    """Reads keep the autograd graph (``param[e]``, not the detached ``param.data[e]``): training the expert
+    weights, or LoRA adapters put in their place, through ``forward_expert`` (the compressed-experts block's
+    path) gets a gradient, for expert e's slices only. Writes (``set``) still work on parameters that require
+    grad."""
+    model = copy.deepcopy(tiny(family))
+    ex = describe_model(model).blocks[1].experts
+    params = _fused_params(ex)
+    for p in params.values():
+        p.requires_grad_(True)
+        p.grad = None
+    x = torch.randn(6, 64, generator=torch.Generator().manual_seed(6))
+    ex.forward_expert(2, x).pow(2).sum().backward()
+    assert set(params) >= {"gate_up_proj" if ex.has_gate else "up_proj", "down_proj"}
+    for name, p in params.items():
+        assert p.grad is not None, f"{name}: no gradient"
+        assert p.grad[2].abs().sum() > 0, f"{name}: zero gradient for the expert that computed"
+        others = torch.cat([p.grad[:2].flatten(), p.grad[3:].flatten()])
+        assert torch.count_nonzero(others) == 0, f"{name}: gradient reached other experts"
+    # the same gradient as the expert computed from standalone copies of its weights (reference path)
+    down = ex.get(2, "down").detach().clone().requires_grad_(True)
+    y = ex.intermediate(2, x).detach() @ down.t()
+    if ex.has_bias:
+        y = y + ex.get_bias(2, "down").detach()
+    y.pow(2).sum().backward()
+    got = params["down_proj"].grad[2]
+    torch.testing.assert_close(got.t() if ex.is_transposed else got, down.grad)
+    ex.set(2, "down", torch.zeros_like(down))  # writes still go in place into a parameter that requires grad
+    assert torch.count_nonzero(params["down_proj"][2]) == 0

@@ -208,3 +208,25 @@ def test_the_adapters_train_at_their_own_learning_rate():
     assert 0 < lora_b_move <= 5 * 1e-5 * 1.01  # B starts at 0
     assert router_move > 5 * 1e-5 * 10
     assert tr.param_groups(1e-2, None)[1]["lr"] == 1e-2  # default: the adapters share --lr
+
+
+def test_routers_and_norms_train_at_their_own_learning_rates():
+    """--router-lr / --norm-lr: each kind's tensors form their own Adam group (order = ``parameters``, which
+    checkpoints rely on); without them everything direct shares --lr in one group, as before."""
+    model = build_tiny_model("qwen3_moe", seed=0)
+    ids = torch.randint(3, 250, (2, 12), generator=torch.Generator().manual_seed(4))
+    tr = select_trainables(model, _routers(model), ("routers", "norms"), 4, torch.Generator().manual_seed(0), prefix="model.layers.")
+    assert set(tr.direct_kind.values()) == {"routers", "norms"}
+    assert len(tr.param_groups(1e-2, None)) == 1 and tr.param_groups(1e-2, None, {"routers": None})[0]["lr"] == 1e-2
+    kind_lr = {"routers": 1e-5, "norms": None}
+    groups = tr.param_groups(1e-2, None, kind_lr)
+    assert sorted(g["lr"] for g in groups) == [1e-5, 1e-2]
+    assert [t for g in groups for t in g["params"]] == tr.parameters(1e-2, kind_lr)
+    before = {n: p.detach().clone() for n, p in tr.direct.items()}
+    resumable_adam(groups, lambda rows: tr(input_ids=ids[rows]).logits.pow(2).mean(), 2, 2, 5, 1.0, seed=0)
+    move = {k: max(float((p - before[n]).abs().max()) for n, p in tr.direct.items() if tr.direct_kind[n] == k)
+            for k in ("routers", "norms")}
+    assert 0 < move["routers"] <= 5 * 1e-5 * 1.01
+    assert move["norms"] > 5 * 1e-5 * 10
+    with pytest.raises(MoeCompressError, match="--router-lr"):
+        HealConfig(router_lr=0.0).validate()
