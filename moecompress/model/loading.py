@@ -157,6 +157,14 @@ def _rotary_like(module: nn.Module) -> bool:
     return type(module).__name__.endswith("RotaryEmbedding")
 
 
+def _freeze(module: nn.Module) -> None:
+    """Loaded weights are frozen: nothing trains one unless it selects it (heal's select_trainables).
+    The MoE view reads expert weights with their autograd graph (heal trains through it), so a weight
+    left requiring grad would make every backward through it (the compressed-experts fit) compute and
+    keep a gradient the size of the layer's experts."""
+    module.requires_grad_(False)
+
+
 class LayerwiseModel:
     """A causal LM whose weights live on disk until a module is asked for.
 
@@ -285,6 +293,7 @@ class LayerwiseModel:
         self._check_loaded(prefix, layer, missing)
         _own_storage(layer)
         check_finite(layer, prefix, self.folder)
+        _freeze(layer)
         return layer
 
     def release_layer(self, index: int) -> None:
@@ -310,6 +319,9 @@ class LayerwiseModel:
                 f"checkpoint {self.folder} lacks {sorted(outer_missing)[0]}; the checkpoint is incomplete"
             )
         check_finite(self.model, "", self.folder, skip_prefix=layers)
+        for name, module in self.model.named_children():
+            if name != layers:
+                _freeze(module)
 
     def _materialize_outer(self, module: nn.Module, name: str) -> None:
         layers = self.view.layers_name

@@ -250,3 +250,23 @@ def test_unreadable_config_json(tmp_path):
     (tmp_path / "config.json").write_text("{broken")
     with pytest.raises(MoeCompressError):
         read_config(tmp_path)
+
+
+def test_loaded_weights_are_frozen_until_a_pass_selects_them(tmp_path):
+    """A backward through a loaded layer (the compressed-experts fit) must not compute the layer's
+    weight gradients: the MoE view reads expert weights with their autograd graph."""
+    import torch
+
+    from moecompress.model.loading import LayerwiseModel
+    from moecompress.model.tiny import save_tiny_model
+
+    save_tiny_model("qwen3_moe", tmp_path / "m")
+    lm = LayerwiseModel(tmp_path / "m")
+    layer = lm.load_layer(0)
+    lm.load_outer()
+    assert not any(p.requires_grad for p in layer.parameters())
+    assert not any(p.requires_grad for p in lm.model.get_output_embeddings().parameters())
+    experts = lm.view.blocks[0].experts
+    x = torch.randn(3, experts.hidden_size, requires_grad=True)
+    experts.forward_expert(0, x).sum().backward()
+    assert x.grad is not None and experts.module.gate_up_proj.grad is None
