@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
-import torch.multiprocessing as mp
+
+from dist_util import spawn_and_collect
 
 from moecompress.parallel import Ranks, owners, share_results
 
@@ -58,20 +58,7 @@ def _worker(rank: int, world: int, port: int, queue) -> None:
         torch.distributed.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_two_gloo_processes_get_every_unit_bit_for_bit():
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, 2, port, queue)) for r in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=120)
-    assert all(p.exitcode == 0 for p in procs)
-    assert sorted(queue.get(timeout=5) for _ in procs) == [(0, True), (1, True)]
+    assert spawn_and_collect(_worker, 2) == [(0, True), (1, True)]

@@ -34,3 +34,13 @@ def save_tiny_tokenizer(folder: str | Path, vocab_size: int = 200) -> PreTrained
     tokenizer = build_tiny_tokenizer(vocab_size)
     tokenizer.save_pretrained(str(folder))
     return tokenizer
+
+
+def save_tiny_model_with_tokenizer(folder: str | Path, family: str = "qwen3_moe") -> Path:
+    """A tiny random ``family`` model with the tiny tokenizer, saved in ``folder`` (what the CLI and
+    pipeline tests run the commands on)."""
+    from moecompress.model.tiny import save_tiny_model
+
+    save_tiny_model(family, folder)
+    save_tiny_tokenizer(folder)
+    return Path(folder)

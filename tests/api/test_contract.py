@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from tokenizer_util import save_tiny_tokenizer
+from tokenizer_util import save_tiny_model_with_tokenizer, save_tiny_tokenizer
 from typer.testing import CliRunner
 
 from moecompress.api import output as contract
@@ -39,10 +39,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("contract") / "model"
-    save_tiny_model("qwen3_moe", folder)
-    save_tiny_tokenizer(folder)
-    return folder
+    return save_tiny_model_with_tokenizer(tmp_path_factory.mktemp("contract") / "model")
 
 
 def run(*args):

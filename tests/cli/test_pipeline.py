@@ -13,11 +13,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-from tokenizer_util import save_tiny_tokenizer
+from tokenizer_util import save_tiny_model_with_tokenizer
 from typer.testing import CliRunner
 
 from moecompress.cli.main import app
-from moecompress.model.tiny import save_tiny_model
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = sorted((REPO / "pipelines").glob("*.yaml"))
@@ -26,10 +25,7 @@ runner = CliRunner()
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("tiny") / "qwen3"
-    save_tiny_model("qwen3_moe", folder)
-    save_tiny_tokenizer(folder)
-    return folder
+    return save_tiny_model_with_tokenizer(tmp_path_factory.mktemp("tiny") / "qwen3")
 
 
 def shrink_for_tiny(doc: dict, model: Path, out: Path) -> dict:

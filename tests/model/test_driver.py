@@ -383,18 +383,6 @@ def _rerun_worker(rank: int, world: int, port: int, queue) -> None:
 
 
 def test_the_rerun_is_split_across_ranks_and_every_rank_gets_every_output():
-    import multiprocessing as mp
-    import socket
+    from dist_util import spawn_and_collect
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    context = mp.get_context("spawn")
-    queue = context.Queue()
-    procs = [context.Process(target=_rerun_worker, args=(r, 2, port, queue)) for r in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=120)
-    assert all(p.exitcode == 0 for p in procs)
-    assert sorted(queue.get(timeout=5) for _ in procs) == [(0, 3, True), (1, 2, True)]  # batches 0,2,4 / 1,3
+    assert spawn_and_collect(_rerun_worker, 2) == [(0, 3, True), (1, 2, True)]  # batches 0,2,4 / 1,3

@@ -6,12 +6,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from dist_util import free_port
 from tokenizer_util import save_tiny_tokenizer
 
 from moecompress.model.tiny import save_tiny_model
@@ -22,11 +22,6 @@ def _digest(folder: Path) -> dict[str, str]:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _quantize(model: Path, out: Path, nproc: int, extra: list[str]) -> subprocess.CompletedProcess:
     args = ["quantize", str(model), str(out), "--bits", "4", "--group-size", "32", "--calib", str(model / "calib.txt"),
@@ -35,7 +30,7 @@ def _quantize(model: Path, out: Path, nproc: int, extra: list[str]) -> subproces
         cmd = [sys.executable, "-m", "moecompress", *args]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port",
-               str(_free_port()), "-m", "moecompress", *args]
+               str(free_port()), "-m", "moecompress", *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=model.parent, env=env)
 

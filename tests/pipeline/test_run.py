@@ -8,20 +8,17 @@ from pathlib import Path
 
 import pytest
 import yaml
-from tokenizer_util import save_tiny_tokenizer
+from dist_util import free_port
+from tokenizer_util import save_tiny_model_with_tokenizer
 
 from moecompress.api.job import execute
-from moecompress.model.tiny import save_tiny_model
 from moecompress.pipeline.run import PipelineJob, fusion_blocker, step_options
 from moecompress.pipeline.schema import PASSES, load_pipeline
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("tiny") / "qwen3"
-    save_tiny_model("qwen3_moe", folder)
-    save_tiny_tokenizer(folder)
-    return folder
+    return save_tiny_model_with_tokenizer(tmp_path_factory.mktemp("tiny") / "qwen3")
 
 
 def pipeline(tmp_path: Path, model: Path, passes: list[dict], name: str):
@@ -114,13 +111,6 @@ def test_statistics_sweep_measures_the_profile_of_the_quantize_pass_after_it(tin
     assert "reused from --stats" not in (separate / "reports" / "step2_quantize" / "report.md").read_text()
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _run_cli(path: Path, nproc: int):
     import os
@@ -131,7 +121,7 @@ def _run_cli(path: Path, nproc: int):
         cmd = [sys.executable, "-m", "moecompress", "run", str(path)]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port",
-               str(_free_port()), "-m", "moecompress", "run", str(path)]
+               str(free_port()), "-m", "moecompress", "run", str(path)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=path.parent, env=env)
 
